@@ -1,0 +1,83 @@
+"""Experiment configuration: one dataclass whose defaults are the official gSASRec port's."""
+from dataclasses import dataclass, field, fields
+
+
+class GSASRecError(Exception):
+    """A problem with the user's input (config, data, checkpoint); the scripts print it as one line."""
+
+
+NEGATIVE_SAMPLING_MODES = ("per_position", "per_sequence")
+
+
+@dataclass
+class GSASRecExperimentConfig:
+    dataset_name: str = "ml1m"
+    sequence_length: int = 200
+    embedding_dim: int = 256
+    train_batch_size: int = 128
+    num_heads: int = 4
+    num_blocks: int = 3
+    dropout_rate: float = 0.0
+    negs_per_pos: int = 256
+    max_epochs: int = 10000
+    max_batches_per_epoch: int = 100
+    metrics: list = field(default_factory=lambda: ["nDCG@10", "R@1", "R@10"])
+    val_metric: str = "nDCG@10"
+    early_stopping_patience: int = 200
+    gbce_t: float = 0.75
+    filter_rated: bool = True
+    eval_batch_size: int = 512
+    recommendation_limit: int = 10
+    reuse_item_embeddings: bool = False
+    # Additions of this implementation (the official port has none of these).
+    seed: int = 42
+    # "per_position": a fresh uniform draw of k negatives for every position, as the paper samples them.
+    # "per_sequence": one draw of k negatives shared by all positions of a sequence (much faster).
+    negative_sampling: str = "per_sequence"
+    learning_rate: float = 1e-3
+    # Linear warm-up over this many steps, then constant (0 disables it: the official schedule).
+    warmup_steps: int = 0
+    # Std of the normal init of the embedding tables; None keeps PyTorch's N(0, 1) as the official port.
+    embedding_init_std: float | None = None
+    # bf16 autocast for the forward pass on hardware that supports it.
+    bf16: bool = False
+    # Budgets: stop after this many optimiser steps / seconds of training (None: no limit).
+    max_steps: int | None = None
+    max_training_time: float | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.sequence_length >= 1, "sequence_length must be >= 1"),
+            (self.embedding_dim >= 1, "embedding_dim must be >= 1"),
+            (self.num_heads >= 1 and self.embedding_dim % self.num_heads == 0,
+             f"num_heads ({self.num_heads}) must divide embedding_dim ({self.embedding_dim})"),
+            (self.num_blocks >= 1, "num_blocks must be >= 1"),
+            (0.0 <= self.dropout_rate < 1.0, "dropout_rate must be in [0, 1)"),
+            (self.negs_per_pos >= 1, f"negs_per_pos must be >= 1, got {self.negs_per_pos}"),
+            (0.0 <= self.gbce_t <= 1.0, f"gbce_t must be in [0, 1], got {self.gbce_t}"),
+            (self.train_batch_size >= 1 and self.eval_batch_size >= 1, "batch sizes must be >= 1"),
+            (self.max_epochs >= 1 and self.max_batches_per_epoch >= 1,
+             "max_epochs and max_batches_per_epoch must be >= 1"),
+            (self.early_stopping_patience >= 1, "early_stopping_patience must be >= 1"),
+            (self.recommendation_limit >= 1, "recommendation_limit must be >= 1"),
+            (self.val_metric in self.metrics, f"val_metric {self.val_metric!r} must be one of metrics {self.metrics}"),
+            (self.negative_sampling in NEGATIVE_SAMPLING_MODES,
+             f"negative_sampling must be one of {NEGATIVE_SAMPLING_MODES}, got {self.negative_sampling!r}"),
+            (self.learning_rate > 0, "learning_rate must be > 0"),
+            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+            (self.embedding_init_std is None or self.embedding_init_std > 0, "embedding_init_std must be > 0"),
+            (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1"),
+            (self.max_training_time is None or self.max_training_time > 0, "max_training_time must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise GSASRecError(f"invalid config: {message}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "GSASRecExperimentConfig":
+        """Builds a config, naming any field this version does not know instead of a TypeError."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise GSASRecError(f"unknown config field(s): {', '.join(unknown)}")
+        return cls(**values)

@@ -1,0 +1,308 @@
+"""Datasets: the ML-1M source file, the train/val/test split, and the sequence store batches are cut from.
+
+Sequences live in one flat int32 array plus offsets (CSR), so a dataset of millions of events holds no
+per-user Python objects and a batch of left-padded windows is a single fancy-indexing operation.
+"""
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from config import GSASRecError
+
+DATASETS_DIR = Path(__file__).resolve().parent / "datasets"
+ML1M_URL = "https://raw.githubusercontent.com/asash/ml1m-sas-mapping/main/ml-1m_sas.txt"
+ML1M_SHA256 = "b725f3acb3986fe3130bffd1e77a74d182a1f51799567a236dbd60270f95b0a2"
+ML1M_SOURCE_ENV = "GSASREC_ML1M_SOURCE"
+ML1M_HOW_TO_SUPPLY = (f"pass --source PATH, set {ML1M_SOURCE_ENV}=PATH, or place the file at "
+                      f"datasets/ml1m/ml-1m.txt (sha256 {ML1M_SHA256[:12]}..., from {ML1M_URL})")
+SPLIT_FILES = ("train/input.txt", "val/input.txt", "val/output.txt", "test/input.txt", "test/output.txt")
+
+
+@dataclass
+class Sequences:
+    """Variable-length item sequences stored flat: sequence i is items[offsets[i]:offsets[i + 1]]."""
+    items: np.ndarray
+    offsets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def windows(self, rows: np.ndarray, length: int, padding_id: int) -> np.ndarray:
+        """The last `length` items of each chosen sequence, left-padded with padding_id: (len(rows), length)."""
+        ends = self.offsets[1:][rows]
+        positions = ends[:, None] - length + np.arange(length)
+        is_item = positions >= self.offsets[:-1][rows][:, None]
+        return np.where(is_item, self.items[np.where(is_item, positions, 0)], padding_id)
+
+    def select(self, rows: np.ndarray) -> "Sequences":
+        lengths = self.lengths[rows]
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        gather = np.repeat(self.offsets[:-1][rows] - offsets[:-1], lengths) + np.arange(offsets[-1])
+        return Sequences(self.items[gather], offsets)
+
+    def drop_last(self, count: int) -> "Sequences":
+        """Each sequence without its last `count` items (empty if it is that short)."""
+        lengths = np.maximum(self.lengths - count, 0)
+        return self.select_prefixes(lengths)
+
+    def select_prefixes(self, lengths: np.ndarray) -> "Sequences":
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        gather = np.repeat(self.offsets[:-1] - offsets[:-1], lengths) + np.arange(offsets[-1])
+        return Sequences(self.items[gather], offsets)
+
+
+@dataclass
+class DatasetSplit:
+    """The five split files of a dataset, plus its item count (ids 1..num_items; num_items+1 pads)."""
+    train: Sequences
+    val_input: Sequences
+    val_target: np.ndarray
+    test_input: Sequences
+    test_target: np.ndarray
+    num_items: int
+
+    @property
+    def padding_id(self) -> int:
+        return self.num_items + 1
+
+
+def sequences_from_pairs(users: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, Sequences]:
+    """Groups (user, item) events into per-user sequences, users in order of first appearance,
+    each user's events in file order (a stable sort). Returns the user ids and their sequences."""
+    unique_users, first_index, inverse = np.unique(users, return_index=True, return_inverse=True)
+    appearance_rank = np.empty(len(unique_users), dtype=np.int64)
+    appearance_rank[np.argsort(first_index, kind="stable")] = np.arange(len(unique_users))
+    event_rank = appearance_rank[inverse]
+    order = np.argsort(event_rank, kind="stable")
+    counts = np.bincount(event_rank, minlength=len(unique_users))
+    offsets = np.zeros(len(unique_users) + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    user_ids = unique_users[np.argsort(first_index, kind="stable")]
+    return user_ids, Sequences(items[order].astype(np.int32), offsets)
+
+
+def validation_user_mask(user_ids: np.ndarray, num_users: int, num_val_users: int, seed: int) -> np.ndarray:
+    """The official scheme: draw num_val_users of range(num_users) and test membership with the user id
+    itself (for ML-1M, ids run 1..6040 while the draw runs 0..6039)."""
+    chosen = np.random.RandomState(seed).choice(num_users, num_val_users, replace=False)
+    return np.isin(user_ids, chosen)
+
+
+def split_sequences(sequences: Sequences, is_val_user: np.ndarray) -> dict:
+    """Leave-one-out split: every user's last item is the test target, the one before it the validation
+    target of validation users; training stops before the first held-out item."""
+    lengths = sequences.lengths
+    ends = sequences.offsets[1:]
+    val_rows = np.flatnonzero(is_val_user)
+    train_lengths = np.maximum(lengths - np.where(is_val_user, 3, 2), 0)
+    test_input = sequences.drop_last(1)
+    return {
+        "train/input.txt": sequences.select_prefixes(train_lengths),
+        "val/input.txt": test_input.drop_last(1).select(val_rows),
+        "val/output.txt": sequences.items[ends[val_rows] - 2],
+        "test/input.txt": test_input,
+        "test/output.txt": sequences.items[ends - 1],
+    }
+
+
+def format_sequences(sequences: Sequences) -> str:
+    """One line per sequence, items separated by single spaces, '\\n' line ends."""
+    tokens = sequences.items.astype(str)
+    return "".join(" ".join(tokens[start:end]) + "\n"
+                   for start, end in zip(sequences.offsets[:-1], sequences.offsets[1:]))
+
+
+def write_split(directory: Path, split_files: dict, stats: dict) -> None:
+    """Writes the split into a temporary folder and renames it into place, so no half-written
+    dataset is ever left behind."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    try:
+        for name, content in split_files.items():
+            path = temporary / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, Sequences):
+                path.write_text(format_sequences(content))
+            else:
+                path.write_text("".join(f"{item}\n" for item in content))
+        (temporary / "dataset_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+        directory.mkdir(exist_ok=True)
+        for name in ["train", "val", "test", "dataset_stats.json"]:
+            target = directory / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(temporary / name, target)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def find_ml1m_source(source: str | None = None) -> Path:
+    """The ML-1M file from --source, the environment variable, datasets/ml1m/ml-1m.txt, or a download."""
+    candidate = source or os.environ.get(ML1M_SOURCE_ENV)
+    if candidate:
+        path = Path(candidate).expanduser()
+        if not path.is_file():
+            raise GSASRecError(f"ML-1M source file not found: {path}; {ML1M_HOW_TO_SUPPLY}")
+    else:
+        path = DATASETS_DIR / "ml1m" / "ml-1m.txt"
+        if not path.is_file():
+            download(ML1M_URL, path)
+    digest = sha256_of(path)
+    if digest != ML1M_SHA256:
+        raise GSASRecError(f"{path} has sha256 {digest}, expected {ML1M_SHA256} (wrong or truncated file); "
+                           f"{ML1M_HOW_TO_SUPPLY}")
+    return path
+
+
+def download(url: str, path: Path) -> None:
+    print(f"Downloading {url} -> {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".part")
+    try:
+        urllib.request.urlretrieve(url, temporary)
+    except (urllib.error.URLError, OSError) as error:
+        temporary.unlink(missing_ok=True)
+        raise GSASRecError(f"could not download {url} ({error}); {ML1M_HOW_TO_SUPPLY}") from None
+    os.replace(temporary, path)
+
+
+def read_interaction_pairs(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Reads '<user> <item>' lines into two int64 arrays."""
+    text = Path(path).read_bytes()
+    values = np.fromstring(text, dtype=np.int64, sep=" ")
+    if values.size % 2 or values.size != len(text.split()):
+        raise GSASRecError(f"{path}: expected lines of two integers '<user> <item>'")
+    pairs = values.reshape(-1, 2)
+    return pairs[:, 0], pairs[:, 1]
+
+
+def prepare_ml1m(source: str | None = None, directory: Path | None = None) -> Path:
+    """Builds the official ML-1M split (byte-identical to the reference hashes) into datasets/ml1m."""
+    directory = Path(directory or DATASETS_DIR / "ml1m")
+    source_path = find_ml1m_source(source)
+    users, items = read_interaction_pairs(source_path)
+    user_ids, sequences = sequences_from_pairs(users, items)
+    is_val_user = validation_user_mask(user_ids, len(user_ids), 512, seed=42)
+    stats = {"num_users": int(len(user_ids)), "num_items": int(items.max()),
+             "num_interactions": int(len(items))}
+    write_split(directory, split_sequences(sequences, is_val_user), stats)
+    titles = source_path.parent / "items.tsv"
+    if titles.is_file() and titles.resolve() != (directory / "items.tsv").resolve():
+        shutil.copyfile(titles, directory / "items.tsv")
+    return directory
+
+
+def dataset_directory(dataset_name: str) -> Path:
+    return DATASETS_DIR / dataset_name
+
+
+def ensure_dataset(dataset_name: str, source: str | None = None) -> Path:
+    """The dataset's folder, preparing ML-1M first when its split is missing."""
+    directory = dataset_directory(dataset_name)
+    complete = all((directory / name).is_file() for name in SPLIT_FILES + ("dataset_stats.json",))
+    if not complete:
+        if dataset_name != "ml1m":
+            raise GSASRecError(f"dataset {dataset_name!r} not found in {directory}; "
+                               f"prepare it with datasets/prepare_dataset.py --name {dataset_name}")
+        print("Preparing the ML-1M split...")
+        prepare_ml1m(source, directory)
+    return directory
+
+
+def read_sequences(path: Path, num_items: int) -> Sequences:
+    """Reads one sequence per line and checks every id lies in 1..num_items, naming file and line."""
+    text = Path(path).read_bytes()
+    if text and not text.endswith(b"\n"):
+        text += b"\n"
+    newlines = np.flatnonzero(np.frombuffer(text, dtype=np.uint8) == ord("\n"))
+    tokens_per_line = _tokens_per_line(text, newlines)
+    values = np.fromstring(text, dtype=np.int64, sep=" ") if tokens_per_line.sum() else np.zeros(0, np.int64)
+    offsets = np.zeros(len(newlines) + 1, dtype=np.int64)
+    np.cumsum(tokens_per_line, out=offsets[1:])
+    if len(values) != offsets[-1]:
+        raise GSASRecError(f"{path}: contains something other than space-separated integer item ids")
+    _check_item_ids(path, values, offsets, num_items)
+    return Sequences(values.astype(np.int32), offsets)
+
+
+def _tokens_per_line(text: bytes, newlines: np.ndarray) -> np.ndarray:
+    """Counts whitespace-separated tokens on each line, vectorised over the bytes."""
+    data = np.frombuffer(text, dtype=np.uint8)
+    is_space = (data == ord(" ")) | (data == ord("\n")) | (data == ord("\t")) | (data == ord("\r"))
+    token_starts = ~is_space & np.concatenate([[True], is_space[:-1]])
+    line_of_start = np.searchsorted(newlines, np.flatnonzero(token_starts))
+    return np.bincount(line_of_start, minlength=len(newlines)).astype(np.int64)
+
+
+def _check_item_ids(path: Path, values: np.ndarray, offsets: np.ndarray, num_items: int) -> None:
+    bad = np.flatnonzero((values < 1) | (values > num_items))
+    if len(bad):
+        line = int(np.searchsorted(offsets, bad[0], side="right"))
+        raise GSASRecError(f"{path}, line {line}: item id {values[bad[0]]} is outside 1..{num_items}")
+
+
+def read_targets(path: Path, num_items: int) -> np.ndarray:
+    sequences = read_sequences(path, num_items)
+    wrong = np.flatnonzero(sequences.lengths != 1)
+    if len(wrong):
+        raise GSASRecError(f"{path}, line {wrong[0] + 1}: expected exactly one target item id")
+    return sequences.items
+
+
+def load_dataset(directory: Path) -> DatasetSplit:
+    """Reads and validates a prepared split: ids in range, inputs and targets of equal line counts."""
+    directory = Path(directory)
+    stats_path = directory / "dataset_stats.json"
+    try:
+        num_items = int(json.loads(stats_path.read_text())["num_items"])
+    except FileNotFoundError:
+        raise GSASRecError(f"{stats_path} not found: is {directory} a prepared dataset?") from None
+    except (ValueError, KeyError, TypeError):
+        raise GSASRecError(f"{stats_path}: expected JSON with an integer 'num_items'") from None
+    files = {}
+    for name in SPLIT_FILES:
+        path = directory / name
+        if not path.is_file():
+            raise GSASRecError(f"{path} not found: the split in {directory} is incomplete")
+        files[name] = read_targets(path, num_items) if name.endswith("output.txt") else read_sequences(path, num_items)
+    for stage in ("val", "test"):
+        inputs, targets = len(files[f"{stage}/input.txt"]), len(files[f"{stage}/output.txt"])
+        if inputs != targets:
+            raise GSASRecError(f"{directory / stage}: input.txt has {inputs} lines but output.txt has {targets}")
+    return DatasetSplit(files["train/input.txt"], files["val/input.txt"], files["val/output.txt"],
+                        files["test/input.txt"], files["test/output.txt"], num_items)
+
+
+def read_item_titles(directory: Path) -> dict[int, str]:
+    """item_id -> title from the dataset's items.tsv, or {} when it has none."""
+    path = Path(directory) / "items.tsv"
+    if not path.is_file():
+        return {}
+    import pandas as pd
+    table = pd.read_csv(path, sep="\t")
+    if not {"item_id", "title"} <= set(table.columns):
+        return {}
+    return dict(zip(table["item_id"].astype(int), table["title"].astype(str)))

@@ -1,0 +1,51 @@
+"""Full-catalogue ranking on the model's device, and metrics with ir_measures."""
+import ir_measures
+import numpy as np
+import pandas as pd
+import torch
+
+from dataset_utils import Sequences
+from gsasrec import GSASRec
+
+
+@torch.no_grad()
+def recommend_batched(model: GSASRec, inputs: Sequences, limit: int, filter_rated: bool = True,
+                      batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Top-`limit` (items, scores) for every sequence: (n, limit) arrays in input order.
+
+    Sequences are batched by length and each batch is cut to its longest input, so no work is spent on
+    columns of pure padding; with filter_rated every item of the whole input history is excluded."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    lengths = inputs.lengths
+    order = np.argsort(lengths, kind="stable")
+    items = np.empty((len(inputs), limit), dtype=np.int64)
+    scores = np.empty((len(inputs), limit), dtype=np.float32)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        longest = max(int(lengths[rows].max()), 1)
+        window = inputs.windows(rows, min(longest, model.sequence_length), model.padding_id)
+        rated = torch.from_numpy(inputs.windows(rows, longest, model.padding_id)).to(device) if filter_rated else None
+        top_items, top_scores = model.get_predictions(torch.from_numpy(window).to(device), limit, rated)
+        items[rows] = top_items.cpu().numpy()
+        scores[rows] = top_scores.float().cpu().numpy()
+    model.train(was_training)
+    return items, scores
+
+
+def ranking_metrics(recommended: np.ndarray, targets: np.ndarray, metrics: list[str]) -> dict[str, float]:
+    """ir_measures metrics of ranked lists (n, limit) against one relevant item per user."""
+    count, limit = recommended.shape
+    query_ids = np.arange(count).astype(str)
+    qrels = pd.DataFrame({"query_id": query_ids, "doc_id": targets.astype(str), "relevance": 1})
+    run = pd.DataFrame({"query_id": np.repeat(query_ids, limit), "doc_id": recommended.ravel().astype(str),
+                        "score": np.tile(np.arange(limit, 0, -1, dtype=np.float64), count)})
+    values = ir_measures.calc_aggregate([ir_measures.parse_measure(name) for name in metrics], qrels, run)
+    return {name: float(values.get(ir_measures.parse_measure(name), 0.0)) for name in metrics}
+
+
+def evaluate(model: GSASRec, inputs: Sequences, targets: np.ndarray, metrics: list[str], limit: int,
+             filter_rated: bool = True, batch_size: int = 512) -> dict[str, float]:
+    recommended, _ = recommend_batched(model, inputs, limit, filter_rated, batch_size)
+    return ranking_metrics(recommended, targets, metrics)

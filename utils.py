@@ -1,0 +1,115 @@
+"""Config files, model building, devices and self-describing checkpoints."""
+import dataclasses
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from config import GSASRecError, GSASRecExperimentConfig
+from gsasrec import GSASRec
+
+CHECKPOINT_FORMAT = "gsasrec-pytorch-checkpoint-1"
+
+
+def load_config(path: str) -> GSASRecExperimentConfig:
+    """Runs a config file and returns its `config` variable."""
+    path = Path(path)
+    if not path.is_file():
+        raise GSASRecError(f"config file not found: {path}")
+    spec = importlib.util.spec_from_file_location(f"gsasrec_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except TypeError as error:
+        raise GSASRecError(f"{path}: {error}") from None
+    config = getattr(module, "config", None)
+    if not isinstance(config, GSASRecExperimentConfig):
+        raise GSASRecError(f"{path} must define `config = GSASRecExperimentConfig(...)`")
+    return config
+
+
+def build_model(config: GSASRecExperimentConfig, num_items: int) -> GSASRec:
+    return GSASRec(num_items, sequence_length=config.sequence_length, embedding_dim=config.embedding_dim,
+                   num_heads=config.num_heads, num_blocks=config.num_blocks, dropout_rate=config.dropout_rate,
+                   reuse_item_embeddings=config.reuse_item_embeddings,
+                   embedding_init_std=config.embedding_init_std)
+
+
+def resolve_device(name: str | None = None) -> torch.device:
+    """The named device, else CUDA when present, else the CPU."""
+    if name:
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise GSASRecError(f"device {name!r} requested but CUDA is not available")
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def checkpoint_name(config: GSASRecExperimentConfig, step: int, metric_value: float) -> str:
+    """The official naming scheme, so checkpoints sort and read the same as the paper repo's."""
+    return (f"gsasrec-{config.dataset_name}-step:{step}-t:{config.gbce_t}-negs:{config.negs_per_pos}"
+            f"-emb:{config.embedding_dim}-dropout:{config.dropout_rate}-metric:{metric_value}.pt")
+
+
+def atomic_save(payload: dict, path: Path) -> None:
+    """torch.save to a temporary file, then rename: an interruption never leaves a broken file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, temporary)
+    os.replace(temporary, path)
+
+
+def model_checkpoint(model: GSASRec, config: GSASRecExperimentConfig, **extra) -> dict:
+    """Weights plus everything needed to rebuild the model without a config file."""
+    return {"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(config), "num_items": model.num_items,
+            "model_state": {name: value.detach().cpu() for name, value in model.state_dict().items()}, **extra}
+
+
+def read_checkpoint(path: str) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise GSASRecError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise GSASRecError(f"{path} is not a readable checkpoint ({type(error).__name__}: {error})") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise GSASRecError(f"{path} is not a gsasrec-pytorch checkpoint (weights-only files of the official "
+                           "port carry no config; retrain or wrap them with a config)")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint: dict, config: GSASRecExperimentConfig | None = None,
+                          num_items: int | None = None, path: str = "checkpoint") -> tuple[GSASRec, GSASRecExperimentConfig]:
+    """Rebuilds the model; a given config or dataset item count must agree with the checkpoint's."""
+    saved_config = GSASRecExperimentConfig.from_dict(checkpoint["config"])
+    if num_items is not None and num_items != checkpoint["num_items"]:
+        raise GSASRecError(f"{path} was trained on {checkpoint['num_items']} items but the dataset has {num_items}")
+    if config is not None:
+        architecture = ["sequence_length", "embedding_dim", "num_heads", "num_blocks", "reuse_item_embeddings"]
+        different = [name for name in architecture if getattr(config, name) != getattr(saved_config, name)]
+        if different:
+            raise GSASRecError(f"{path} does not fit the config: " + ", ".join(
+                f"{name}={getattr(saved_config, name)} in the checkpoint, {getattr(config, name)} in the config"
+                for name in different))
+    config = config or saved_config
+    model = build_model(config, checkpoint["num_items"])
+    model.load_state_dict(checkpoint["model_state"])
+    return model, config
+
+
+def load_model(checkpoint_path: str, device: str | None = None) -> tuple[GSASRec, GSASRecExperimentConfig]:
+    """A trained model in eval mode on `device` (default: CUDA if present), and its config."""
+    model, config = model_from_checkpoint(read_checkpoint(checkpoint_path), path=checkpoint_path)
+    return model.to(resolve_device(device)).eval(), config
+
+
+def run_cli(main) -> None:
+    """Runs a script's main(), turning input problems into one line on stderr and exit status 2."""
+    try:
+        main()
+    except GSASRecError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
