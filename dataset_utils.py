@@ -18,6 +18,7 @@ import numpy as np
 from config import GSASRecError
 
 DATASETS_DIR = Path(__file__).resolve().parent / "datasets"
+DATASETS_DIR_ENV = "GSASREC_DATASETS_DIR"
 ML1M_URL = "https://raw.githubusercontent.com/asash/ml1m-sas-mapping/main/ml-1m_sas.txt"
 ML1M_SHA256 = "b725f3acb3986fe3130bffd1e77a74d182a1f51799567a236dbd60270f95b0a2"
 ML1M_SOURCE_ENV = "GSASREC_ML1M_SOURCE"
@@ -167,7 +168,7 @@ def find_ml1m_source(source: str | None = None) -> Path:
         if not path.is_file():
             raise GSASRecError(f"ML-1M source file not found: {path}; {ML1M_HOW_TO_SUPPLY}")
     else:
-        path = DATASETS_DIR / "ml1m" / "ml-1m.txt"
+        path = dataset_directory("ml1m") / "ml-1m.txt"
         if not path.is_file():
             download(ML1M_URL, path)
     digest = sha256_of(path)
@@ -189,11 +190,19 @@ def download(url: str, path: Path) -> None:
     os.replace(temporary, path)
 
 
+def parse_integers(text: bytes) -> np.ndarray | None:
+    """All whitespace-separated integers in text, or None if anything else is there."""
+    try:
+        values = np.fromstring(text, dtype=np.int64, sep=" ") if text.strip() else np.zeros(0, np.int64)
+    except ValueError:
+        return None
+    return values if values.size == len(text.split()) else None
+
+
 def read_interaction_pairs(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Reads '<user> <item>' lines into two int64 arrays."""
-    text = Path(path).read_bytes()
-    values = np.fromstring(text, dtype=np.int64, sep=" ")
-    if values.size % 2 or values.size != len(text.split()):
+    values = parse_integers(Path(path).read_bytes())
+    if values is None or values.size % 2:
         raise GSASRecError(f"{path}: expected lines of two integers '<user> <item>'")
     pairs = values.reshape(-1, 2)
     return pairs[:, 0], pairs[:, 1]
@@ -201,7 +210,7 @@ def read_interaction_pairs(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def prepare_ml1m(source: str | None = None, directory: Path | None = None) -> Path:
     """Builds the official ML-1M split (byte-identical to the reference hashes) into datasets/ml1m."""
-    directory = Path(directory or DATASETS_DIR / "ml1m")
+    directory = Path(directory or dataset_directory("ml1m"))
     source_path = find_ml1m_source(source)
     users, items = read_interaction_pairs(source_path)
     user_ids, sequences = sequences_from_pairs(users, items)
@@ -216,7 +225,8 @@ def prepare_ml1m(source: str | None = None, directory: Path | None = None) -> Pa
 
 
 def dataset_directory(dataset_name: str) -> Path:
-    return DATASETS_DIR / dataset_name
+    """datasets/NAME, or NAME under $GSASREC_DATASETS_DIR when that is set."""
+    return Path(os.environ.get(DATASETS_DIR_ENV) or DATASETS_DIR) / dataset_name
 
 
 def ensure_dataset(dataset_name: str, source: str | None = None) -> Path:
@@ -239,10 +249,10 @@ def read_sequences(path: Path, num_items: int) -> Sequences:
         text += b"\n"
     newlines = np.flatnonzero(np.frombuffer(text, dtype=np.uint8) == ord("\n"))
     tokens_per_line = _tokens_per_line(text, newlines)
-    values = np.fromstring(text, dtype=np.int64, sep=" ") if tokens_per_line.sum() else np.zeros(0, np.int64)
+    values = parse_integers(text)
     offsets = np.zeros(len(newlines) + 1, dtype=np.int64)
     np.cumsum(tokens_per_line, out=offsets[1:])
-    if len(values) != offsets[-1]:
+    if values is None or len(values) != offsets[-1]:
         raise GSASRecError(f"{path}: contains something other than space-separated integer item ids")
     _check_item_ids(path, values, offsets, num_items)
     return Sequences(values.astype(np.int32), offsets)

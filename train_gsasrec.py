@@ -39,9 +39,10 @@ def training_loss(model: GSASRec, batch: torch.Tensor, config: GSASRecExperiment
     k = config.negs_per_pos
     output_table = model.output_item_embeddings
     lengths = (batch != model.padding_id).sum(1)
-    if config.negative_sampling == "per_sequence":
-        shared_negatives = torch.randint(1, model.num_items + 1, (len(batch), k), generator=generator,
-                                         device=generator.device).to(batch.device)
+    # Drawn up front for every row (and, per position, every column) so the draw does not depend on grouping.
+    shape = (len(batch), k) if config.negative_sampling == "per_sequence" else (*batch[:, 1:].shape, k)
+    negatives = torch.randint(1, model.num_items + 1, shape, generator=generator,
+                              device=generator.device).to(batch.device)
     positive_scores, negative_scores = [], []
     for group in torch.argsort(lengths).split(LENGTH_GROUP_SIZE):
         rows = batch[group, -max(int(lengths[group].max()), 2):]
@@ -52,13 +53,12 @@ def training_loss(model: GSASRec, batch: torch.Tensor, config: GSASRecExperiment
         target_hidden = hidden[is_target]
         positive_scores.append((target_hidden * output_table[labels[is_target]]).sum(-1))
         if config.negative_sampling == "per_sequence":
-            negatives = output_table[shared_negatives[group]].transpose(1, 2)
-            negative_scores.append(torch.bmm(hidden, negatives)[is_target])
+            group_negatives = output_table[negatives[group]].transpose(1, 2)
+            negative_scores.append(torch.bmm(hidden, group_negatives)[is_target])
         else:
-            negatives = torch.randint(1, model.num_items + 1, (len(target_hidden), k), generator=generator,
-                                      device=generator.device).to(batch.device)
+            group_negatives = negatives[group, -input.shape[1]:][is_target]
             # Scoring the whole catalogue and gathering is far cheaper than gathering (n, k, E) embeddings.
-            negative_scores.append((target_hidden @ output_table.T).gather(1, negatives))
+            negative_scores.append((target_hidden @ output_table.T).gather(1, group_negatives))
     return gbce_loss(torch.cat(positive_scores), torch.cat(negative_scores), beta)
 
 
@@ -213,7 +213,7 @@ def train(config: GSASRecExperimentConfig, dataset: DatasetSplit, run_dir: Path,
                 log.write(json.dumps(record) + "\n")
             print(f"epoch {state['epoch']} step {state['step']} loss {record['train_loss']:.4f} " +
                   " ".join(f"{key} {value:.4f}" for key, value in record.items() if "@" in key) +
-                  f" | best {config.val_metric} {state['best_metric']:.4f} ({state['elapsed_seconds']:.0f}s)")
+                  f" | best {config.val_metric} {state['best_metric']:.4f} ({state['elapsed_seconds']:.0f}s)", flush=True)
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
             if state["epochs_without_improvement"] >= config.early_stopping_patience:

@@ -1,0 +1,54 @@
+"""Shared fixtures: the real ML-1M file when available, and tiny synthetic datasets written by the project's code."""
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dataset_utils import Sequences, split_sequences, validation_user_mask, write_split  # noqa: E402
+
+
+def ml1m_source() -> str | None:
+    path = os.environ.get("GSASREC_ML1M_SOURCE")
+    return path if path and Path(path).is_file() else None
+
+
+@pytest.fixture
+def ml1m_source_path():
+    path = ml1m_source()
+    if path is None:
+        pytest.skip("set GSASREC_ML1M_SOURCE to the ML-1M file to run this test")
+    return path
+
+
+def successor_sequences(num_users: int, num_items: int, min_length: int, max_length: int, seed: int) -> Sequences:
+    """Sequences following a deterministic rule: each item is followed by item % num_items + 1."""
+    rng = np.random.RandomState(seed)
+    lengths = rng.randint(min_length, max_length + 1, num_users)
+    starts = rng.randint(1, num_items + 1, num_users)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    position = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)
+    items = (np.repeat(starts - 1, lengths) + position) % num_items + 1
+    return Sequences(items.astype(np.int32), offsets)
+
+
+def write_synthetic_dataset(directory: Path, num_users: int = 300, num_items: int = 40, min_length: int = 6,
+                            max_length: int = 20, num_val_users: int = 64, seed: int = 0) -> Path:
+    sequences = successor_sequences(num_users, num_items, min_length, max_length, seed)
+    user_ids = np.arange(1, num_users + 1)
+    is_val_user = validation_user_mask(user_ids, num_users, num_val_users, seed)
+    stats = {"num_users": num_users, "num_items": num_items, "num_interactions": int(len(sequences.items))}
+    write_split(directory, split_sequences(sequences, is_val_user), stats)
+    return directory
+
+
+@pytest.fixture
+def synthetic_datasets_dir(tmp_path, monkeypatch):
+    """A datasets folder holding the synthetic dataset 'successor', set as GSASREC_DATASETS_DIR."""
+    write_synthetic_dataset(tmp_path / "datasets" / "successor")
+    monkeypatch.setenv("GSASREC_DATASETS_DIR", str(tmp_path / "datasets"))
+    return tmp_path / "datasets"

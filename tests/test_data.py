@@ -1,0 +1,93 @@
+import numpy as np
+import pytest
+
+from config import GSASRecError
+from dataset_utils import (ML1M_SHA256, SPLIT_FILES, Sequences, find_ml1m_source, load_dataset, prepare_ml1m,
+                           read_sequences, sequences_from_pairs, sha256_of, split_sequences)
+from tests.conftest import write_synthetic_dataset
+
+EXPECTED_SPLIT_SHA256 = {
+    "train/input.txt": "06957b3d3cc937ac05e5f5ade2d2d5c1042efdd2b6779b768140e74d4f6b20e3",
+    "val/input.txt": "e4503bcef51a7689c48d491bd0dc090f053b8103b2c2bf6eed3bc31699fa09ca",
+    "val/output.txt": "bb290f4a647533bef0f74cfaa6e74260d6e461da4fda072b9aaa6231c86240df",
+    "test/input.txt": "c2aa5664407b04fb85d811e71696a9374da5e1db4e9fabfc19ca105a3fb51a5f",
+    "test/output.txt": "6c9b242c789691b9680374d87a0fee61d6b473b99bed8439e4262a307c98d4ba",
+}
+
+
+def test_ml1m_split_is_byte_identical_to_the_official_one(ml1m_source_path, tmp_path):
+    directory = prepare_ml1m(ml1m_source_path, tmp_path / "ml1m")
+    assert {name: sha256_of(directory / name) for name in SPLIT_FILES} == EXPECTED_SPLIT_SHA256
+    dataset = load_dataset(directory)
+    assert (len(dataset.train), len(dataset.val_input), len(dataset.test_input)) == (6040, 512, 6040)
+    assert dataset.num_items == 3416
+
+
+def test_missing_and_wrong_source_files_give_one_line_errors(tmp_path, monkeypatch):
+    monkeypatch.delenv("GSASREC_ML1M_SOURCE", raising=False)
+    with pytest.raises(GSASRecError, match="not found.*--source"):
+        find_ml1m_source(str(tmp_path / "absent.txt"))
+    truncated = tmp_path / "ml-1m.txt"
+    truncated.write_text("1 1\n1 2\n")
+    with pytest.raises(GSASRecError, match=f"expected {ML1M_SHA256}"):
+        find_ml1m_source(str(truncated))
+    monkeypatch.setenv("GSASREC_ML1M_SOURCE", str(truncated))
+    with pytest.raises(GSASRecError, match="wrong or truncated"):
+        find_ml1m_source()
+
+
+def test_events_group_by_user_in_order_of_first_appearance():
+    users = np.array([7, 7, 3, 7, 3, 9])
+    items = np.array([1, 2, 3, 4, 5, 6])
+    user_ids, sequences = sequences_from_pairs(users, items)
+    assert user_ids.tolist() == [7, 3, 9]
+    assert [sequences.items[a:b].tolist() for a, b in zip(sequences.offsets[:-1], sequences.offsets[1:])] == \
+        [[1, 2, 4], [3, 5], [6]]
+
+
+def test_leave_one_out_split_by_hand():
+    sequences = Sequences(np.array([1, 2, 3, 4, 5, 6, 7, 8, 9], dtype=np.int32), np.array([0, 5, 9]))
+    split = split_sequences(sequences, np.array([True, False]))
+    rows = lambda s: [s.items[a:b].tolist() for a, b in zip(s.offsets[:-1], s.offsets[1:])]  # noqa: E731
+    assert rows(split["train/input.txt"]) == [[1, 2], [6, 7]]
+    assert rows(split["val/input.txt"]) == [[1, 2, 3]]
+    assert split["val/output.txt"].tolist() == [4]
+    assert rows(split["test/input.txt"]) == [[1, 2, 3, 4], [6, 7, 8]]
+    assert split["test/output.txt"].tolist() == [5, 9]
+
+
+def test_windows_are_the_left_padded_tails():
+    rng = np.random.RandomState(0)
+    lengths = rng.randint(0, 12, 30)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    sequences = Sequences(rng.randint(1, 50, offsets[-1]).astype(np.int32), offsets)
+    rows = rng.permutation(30)[:17]
+    windows = sequences.windows(rows, 8, padding_id=51)
+    for window, row in zip(windows, rows):
+        tail = sequences.items[offsets[row]:offsets[row + 1]][-8:].tolist()
+        assert window.tolist() == [51] * (8 - len(tail)) + tail
+
+
+def test_out_of_range_item_ids_are_reported_with_file_and_line(tmp_path):
+    path = tmp_path / "input.txt"
+    path.write_text("1 2 3\n4 5\n6 99 7\n")
+    with pytest.raises(GSASRecError, match=r"input.txt, line 3: item id 99 is outside 1..10"):
+        read_sequences(path, num_items=10)
+    path.write_text("1 2\n3 x\n")
+    with pytest.raises(GSASRecError, match="integer item ids"):
+        read_sequences(path, num_items=10)
+
+
+def test_empty_lines_are_empty_sequences(tmp_path):
+    path = tmp_path / "input.txt"
+    path.write_text("1 2\n\n3\n")
+    sequences = read_sequences(path, num_items=5)
+    assert sequences.lengths.tolist() == [2, 0, 1]
+
+
+def test_split_files_with_disagreeing_line_counts_are_rejected(tmp_path):
+    directory = write_synthetic_dataset(tmp_path / "synthetic")
+    targets = directory / "test" / "output.txt"
+    targets.write_text("".join(targets.read_text().splitlines(keepends=True)[:-1]))
+    with pytest.raises(GSASRecError, match="test: input.txt has 300 lines but output.txt has 299"):
+        load_dataset(directory)

@@ -1,0 +1,116 @@
+"""Train, resume, reload and evaluate on a tiny synthetic dataset whose next item follows a fixed rule."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from config import GSASRecExperimentConfig, GSASRecError
+from dataset_utils import dataset_directory, load_dataset
+from eval_utils import evaluate
+from tests.conftest import REPO
+from train_gsasrec import train
+from utils import load_model, model_from_checkpoint, read_checkpoint
+
+TINY = dict(dataset_name="successor", sequence_length=16, embedding_dim=32, num_heads=1, num_blocks=1,
+            dropout_rate=0.1, negs_per_pos=16, gbce_t=0.75, train_batch_size=32, max_batches_per_epoch=10,
+            eval_batch_size=64, early_stopping_patience=1000, embedding_init_std=0.1, learning_rate=3e-3)
+
+
+def tiny_config(**overrides) -> GSASRecExperimentConfig:
+    return GSASRecExperimentConfig(**{**TINY, **overrides})
+
+
+def write_config(path, **overrides):
+    values = {**TINY, **overrides}
+    path.write_text("from config import GSASRecExperimentConfig\nconfig = GSASRecExperimentConfig(" +
+                    ", ".join(f"{key}={value!r}" for key, value in values.items()) + ")\n")
+    return path
+
+
+def test_training_learns_the_rule_and_the_checkpoint_reloads(synthetic_datasets_dir, tmp_path):
+    dataset = load_dataset(dataset_directory("successor"))
+    state = train(tiny_config(max_steps=300), dataset, tmp_path / "run", torch.device("cpu"), progress=False)
+    assert state["step"] == 300 and state["stopped"] == "max_steps"
+    model, config = load_model(state["best_checkpoint"], device="cpu")
+    test = evaluate(model, dataset.test_input, dataset.test_target, config.metrics, 10)
+    assert test["nDCG@10"] > 0.9
+    checkpoint = read_checkpoint(state["best_checkpoint"])
+    assert evaluate(model, dataset.val_input, dataset.val_target, config.metrics, 10) == checkpoint["val_metrics"]
+    with pytest.raises(GSASRecError, match="embedding_dim=32 in the checkpoint, 64 in the config"):
+        model_from_checkpoint(checkpoint, tiny_config(embedding_dim=64))
+    with pytest.raises(GSASRecError, match="trained on 40 items but the dataset has 41"):
+        model_from_checkpoint(checkpoint, num_items=41)
+
+
+@pytest.mark.parametrize("negative_sampling", ["per_sequence", "per_position"])
+def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(synthetic_datasets_dir, tmp_path,
+                                                                  negative_sampling):
+    dataset = load_dataset(dataset_directory("successor"))
+    straight = train(tiny_config(max_steps=35, negative_sampling=negative_sampling), dataset, tmp_path / "a",
+                     torch.device("cpu"), progress=False)
+    first = train(tiny_config(max_steps=17, negative_sampling=negative_sampling), dataset, tmp_path / "b",
+                  torch.device("cpu"), progress=False)
+    assert first["step"] == 17 and first["batch_in_epoch"] == 7
+    resumed = train(tiny_config(max_steps=35, negative_sampling=negative_sampling), dataset, tmp_path / "b",
+                    torch.device("cpu"), progress=False)
+    assert resumed["step"] == straight["step"] == 35
+    weights = lambda run: torch.load(tmp_path / run / "train_state.pt", weights_only=False)["model_state"]  # noqa: E731
+    for name, value in weights("a").items():
+        assert torch.equal(value, weights("b")[name]), name
+    logs = [[{k: v for k, v in json.loads(line).items() if k != "time_s"}
+             for line in (tmp_path / run / "log.jsonl").read_text().splitlines()] for run in ("a", "b")]
+    assert logs[0] == logs[1] and len(logs[0]) == 3
+
+
+def test_a_different_config_does_not_resume_silently(synthetic_datasets_dir, tmp_path):
+    dataset = load_dataset(dataset_directory("successor"))
+    train(tiny_config(max_steps=3), dataset, tmp_path / "run", torch.device("cpu"), progress=False)
+    with pytest.raises(GSASRecError, match="different config"):
+        train(tiny_config(max_steps=6, gbce_t=0.5), dataset, tmp_path / "run", torch.device("cpu"), progress=False)
+
+
+def run_script(*args, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def test_command_line_train_sigterm_resume_and_evaluate(synthetic_datasets_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path / "config_tiny.py", max_steps=100000)
+    process = subprocess.Popen([sys.executable, "train_gsasrec.py", f"--config={config}", "--run-dir", str(run_dir),
+                                "--no-progress"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (run_dir / "log.jsonl").is_file() and time.time() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    assert "Stopped (interrupted)" in output
+    step = torch.load(run_dir / "train_state.pt", weights_only=False)["progress"]["step"]
+    assert step >= 10
+
+    write_config(config, max_steps=step + 15)
+    resumed = run_script("train_gsasrec.py", f"--config={config}", "--run-dir", str(run_dir), "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"Resuming {run_dir} at step {step}" in resumed.stdout
+    summary = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == step + 15 and summary["stopped"] == "max_steps"
+
+    checkpoint = summary["best_checkpoint"]
+    assert "gsasrec-successor-step:" in checkpoint and "-negs:16-emb:32-dropout:0.1-metric:" in checkpoint
+    by_flag = run_script("evaluate_gsasrec.py", f"--checkpoint={checkpoint}", "--output", str(tmp_path / "a.json"))
+    positional = run_script("evaluate_gsasrec.py", checkpoint, f"--config={config}", "--output", str(tmp_path / "b.json"))
+    assert by_flag.returncode == 0 and positional.returncode == 0, by_flag.stderr + positional.stderr
+    assert "nDCG@10" in by_flag.stdout
+    metrics = [json.loads((tmp_path / name).read_text())["metrics"] for name in ("a.json", "b.json")]
+    assert metrics[0] == metrics[1] and set(metrics[0]) == {"nDCG@10", "R@1", "R@10"}
+
+    missing = run_script("evaluate_gsasrec.py", str(tmp_path / "absent.pt"))
+    assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0
+    assert "checkpoint not found" in missing.stderr
+    mismatch = run_script("evaluate_gsasrec.py", checkpoint,
+                          f"--config={write_config(tmp_path / 'config_big.py', embedding_dim=64)}")
+    assert mismatch.returncode == 2 and "does not fit the config" in mismatch.stderr

@@ -1,0 +1,85 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from config import GSASRecExperimentConfig
+from gsasrec import GSASRec, gamma_transform, gbce_alpha, gbce_beta, gbce_loss
+from train_gsasrec import training_loss
+
+
+def explicit_gbce(positive: torch.Tensor, negative: torch.Tensor, beta: float) -> torch.Tensor:
+    """The paper's formula, term by term, in float64."""
+    positive, negative = positive.double(), negative.double()
+    terms = torch.log(torch.sigmoid(positive) ** beta) + torch.log(1 - torch.sigmoid(negative)).sum(-1)
+    return (-terms / (negative.shape[-1] + 1)).mean()
+
+
+@pytest.mark.parametrize("k", [1, 16, 256])
+@pytest.mark.parametrize("t", [0.0, 0.25, 0.75, 1.0])
+def test_loss_equals_the_explicit_formula(k, t):
+    generator = torch.Generator().manual_seed(k * 10 + int(t * 4))
+    positive = torch.randn(300, generator=generator) * 3
+    negative = torch.randn(300, k, generator=generator) * 3
+    beta = gbce_beta(k, 3416, t)
+    fast = gbce_loss(positive, negative, beta)
+    assert fast.dtype == torch.float32
+    assert fast.item() == pytest.approx(explicit_gbce(positive, negative, beta).item(), rel=1e-5)
+    transformed = torch.cat([gamma_transform(positive.double(), beta)[:, None], negative.double()], dim=1)
+    labels = torch.cat([torch.ones(300, 1), torch.zeros(300, k)], dim=1).double()
+    assert fast.item() == pytest.approx(F.binary_cross_entropy_with_logits(transformed, labels).item(), rel=1e-5)
+
+
+def test_beta_for_ml1m_and_its_limits():
+    assert gbce_beta(256, 3416, 0.75) == pytest.approx(0.30622, abs=1e-5)
+    assert gbce_beta(256, 3416, 0.0) == pytest.approx(1.0)
+    assert gbce_beta(256, 3416, 1.0) == pytest.approx(gbce_alpha(256, 3416)) == pytest.approx(256 / 3415)
+
+
+def test_t_zero_is_plain_bce():
+    positive, negative = torch.randn(50), torch.randn(50, 8)
+    scores = torch.cat([positive[:, None], negative], dim=1)
+    labels = torch.cat([torch.ones(50, 1), torch.zeros(50, 8)], dim=1)
+    assert gbce_loss(positive, negative, gbce_beta(8, 100, 0.0)).item() == pytest.approx(
+        F.binary_cross_entropy_with_logits(scores, labels).item(), rel=1e-6)
+
+
+def test_extreme_scores_stay_finite():
+    scores = torch.tensor([-50.0, -10.0, 0.0, 10.0, 50.0], requires_grad=True)
+    beta = gbce_beta(256, 3416, 0.75)
+    gamma = gamma_transform(scores, beta)
+    loss = gbce_loss(scores, scores[:, None].expand(5, 3), beta)
+    (loss + gamma.sum()).backward()
+    assert torch.isfinite(gamma).all() and torch.isfinite(loss) and torch.isfinite(scores.grad).all()
+    assert gamma.detach().double() == pytest.approx(gamma_transform(scores.detach().double(), beta), rel=1e-4)
+
+
+@pytest.mark.parametrize("negative_sampling", ["per_position", "per_sequence"])
+def test_fast_training_loss_equals_the_papers_way(negative_sampling):
+    """Same sampled negatives: gathered per-position embeddings and the explicit formula, one padded pass."""
+    num_items, k = 60, 7
+    config = GSASRecExperimentConfig(sequence_length=12, embedding_dim=16, num_heads=2, num_blocks=2,
+                                     negs_per_pos=k, gbce_t=0.5, negative_sampling=negative_sampling)
+    torch.manual_seed(0)
+    model = GSASRec(num_items, 12, 16, 2, 2, embedding_init_std=0.3).eval()
+    rng = np.random.RandomState(0)
+    lengths = rng.randint(2, 14, 70)
+    batch = torch.full((70, 13), num_items + 1)
+    for row, length in enumerate(lengths):
+        batch[row, 13 - length:] = torch.from_numpy(rng.randint(1, num_items + 1, length))
+    beta = gbce_beta(k, num_items, 0.5)
+    fast = training_loss(model, batch, config, beta, torch.Generator().manual_seed(5))
+
+    generator = torch.Generator().manual_seed(5)
+    shape = (70, k) if negative_sampling == "per_sequence" else (70, 12, k)
+    negatives = torch.randint(1, num_items + 1, shape, generator=generator)
+    if negative_sampling == "per_sequence":
+        negatives = negatives[:, None, :].expand(70, 12, k)
+    input, labels = batch[:, :-1], batch[:, 1:]
+    hidden = model(input)
+    table = model.output_item_embeddings
+    positive = (hidden * table[labels]).sum(-1)
+    negative = torch.einsum("ble,blke->blk", hidden, table[negatives])
+    is_target = input != num_items + 1
+    reference = explicit_gbce(positive[is_target], negative[is_target], beta)
+    assert fast.item() == pytest.approx(reference.item(), rel=1e-5)

@@ -1,0 +1,38 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dataset_utils import Sequences
+from eval_utils import ranking_metrics, recommend_batched
+from gsasrec import GSASRec
+
+
+def test_metrics_on_a_hand_made_ranking():
+    recommended = np.array([[5, 1, 2, 3, 4, 6, 7, 8, 9, 10],     # hit at rank 1
+                            [1, 2, 3, 5, 4, 6, 7, 8, 9, 10],     # hit at rank 4
+                            [1, 2, 3, 4, 6, 7, 8, 9, 10, 5],     # hit at rank 10
+                            [1, 2, 3, 4, 6, 7, 8, 9, 10, 11]])   # miss
+    metrics = ranking_metrics(recommended, np.array([5, 5, 5, 5]), ["nDCG@10", "R@1", "R@10"])
+    assert metrics["nDCG@10"] == pytest.approx((1 + 1 / math.log2(5) + 1 / math.log2(11)) / 4)
+    assert metrics["R@1"] == pytest.approx(0.25)
+    assert metrics["R@10"] == pytest.approx(0.75)
+
+
+def test_batched_recommendations_equal_one_padded_pass():
+    torch.manual_seed(0)
+    model = GSASRec(30, 8, embedding_dim=16, num_heads=1, num_blocks=2, embedding_init_std=0.5).eval()
+    rng = np.random.RandomState(0)
+    lengths = rng.randint(1, 15, 40)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    inputs = Sequences(rng.randint(1, 31, offsets[-1]).astype(np.int32), offsets)
+    items, scores = recommend_batched(model, inputs, limit=5, filter_rated=True, batch_size=7)
+    rows = np.arange(40)
+    window = torch.from_numpy(inputs.windows(rows, 8, 31))
+    history = torch.from_numpy(inputs.windows(rows, 14, 31))
+    expected_items, expected_scores = model.get_predictions(window, 5, history)
+    np.testing.assert_allclose(scores, expected_scores.numpy(), rtol=1e-4, atol=1e-4)
+    assert (items == expected_items.numpy()).mean() > 0.95  # ties of nearly equal scores may swap
+    for row in rows:
+        assert not set(items[row]) & set(inputs.items[offsets[row]:offsets[row + 1]])

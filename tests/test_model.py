@@ -1,0 +1,80 @@
+import numpy as np
+import pytest
+import torch
+
+from gsasrec import Dropout, GSASRec
+
+NUM_ITEMS, LENGTH = 50, 10
+PAD = NUM_ITEMS + 1
+
+
+def small_model(**kwargs) -> GSASRec:
+    torch.manual_seed(0)
+    return GSASRec(NUM_ITEMS, LENGTH, embedding_dim=16, num_heads=2, num_blocks=2, embedding_init_std=0.5,
+                   **kwargs).eval()
+
+
+def test_changing_an_item_changes_no_earlier_output():
+    model = small_model()
+    input = torch.randint(1, NUM_ITEMS + 1, (1, LENGTH))
+    reference = model(input)
+    for j in range(LENGTH):
+        changed = input.clone()
+        changed[0, j] = changed[0, j] % NUM_ITEMS + 1
+        output = model(changed)
+        torch.testing.assert_close(output[0, :j], reference[0, :j])
+        assert not torch.allclose(output[0, j], reference[0, j])
+
+
+def test_last_output_does_not_depend_on_left_padding():
+    model = small_model()
+    items = torch.randint(1, NUM_ITEMS + 1, (4,))
+    outputs = [model(torch.cat([torch.full((padding,), PAD), items])[None])[0, -1]
+               for padding in range(LENGTH - 3)]
+    for output in outputs[1:]:
+        torch.testing.assert_close(output, outputs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_output_embeddings_are_separate_unless_reused():
+    separate, reused = small_model(), small_model(reuse_item_embeddings=True)
+    assert separate.output_item_embeddings is not separate.item_embedding.weight
+    assert reused.output_item_embeddings is reused.item_embedding.weight
+    parameters = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
+    assert parameters(separate) - parameters(reused) == (NUM_ITEMS + 2) * 16
+
+
+def brute_force_top(model: GSASRec, input: torch.Tensor, rated: torch.Tensor, limit: int) -> list[list[int]]:
+    result = []
+    with torch.no_grad():
+        hidden = model(input)[:, -1]
+        for row in range(len(input)):
+            scores = {item: float(hidden[row] @ model.output_item_embeddings[item])
+                      for item in range(1, NUM_ITEMS + 1) if item not in set(rated[row].tolist())}
+            result.append(sorted(scores, key=scores.get, reverse=True)[:limit])
+    return result
+
+
+def test_predictions_exclude_rated_padding_and_zero_and_match_brute_force():
+    model = small_model()
+    rng = np.random.RandomState(1)
+    input = torch.from_numpy(rng.randint(1, NUM_ITEMS + 1, (20, LENGTH)))
+    input[:5, :4] = PAD
+    rated = torch.cat([input, torch.full((20, 3), PAD)], dim=1)
+    items, scores = model.get_predictions(input, limit=NUM_ITEMS, rated=rated)
+    for row in range(20):
+        allowed = NUM_ITEMS - len(set(rated[row].tolist()) - {PAD})
+        returned = items[row][torch.isfinite(scores[row])].tolist()
+        assert len(returned) == allowed
+        assert not set(returned) & (set(rated[row].tolist()) | {0, PAD})
+    top_items, _ = model.get_predictions(input, limit=5, rated=rated)
+    assert top_items.tolist() == brute_force_top(model, input, rated, 5)
+    unfiltered, _ = model.get_predictions(input, limit=NUM_ITEMS)
+    assert not set(unfiltered.flatten().tolist()) & {0, PAD}
+
+
+def test_dropout_drops_at_the_rate_and_keeps_the_mean():
+    dropout = Dropout(0.3).train()
+    output = dropout(torch.ones(400_000))
+    assert (output == 0).float().mean().item() == pytest.approx(0.3, abs=0.005)
+    assert output.mean().item() == pytest.approx(1.0, abs=0.01)
+    assert torch.equal(dropout.eval()(torch.ones(10)), torch.ones(10))
