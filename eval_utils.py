@@ -8,6 +8,22 @@ from dataset_utils import Sequences
 from gsasrec import GSASRec
 
 
+# On a CPU, activations of about this many positions fit the caches, which makes a forward pass markedly faster.
+CPU_TOKENS_PER_BATCH = 3200
+
+
+def length_sorted_batches(sorted_lengths: np.ndarray, order: np.ndarray, batch_size: int, device: torch.device):
+    """Batches of at most batch_size rows of `order`; on a CPU also of at most CPU_TOKENS_PER_BATCH positions."""
+    start = 0
+    while start < len(order):
+        rows = batch_size
+        if device.type == "cpu":
+            longest = max(int(sorted_lengths[min(start + batch_size, len(order)) - 1]), 1)
+            rows = min(batch_size, max(1, CPU_TOKENS_PER_BATCH // longest))
+        yield order[start:start + rows]
+        start += rows
+
+
 @torch.no_grad()
 def recommend_batched(model: GSASRec, inputs: Sequences, limit: int, filter_rated: bool = True,
                       batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
@@ -22,8 +38,7 @@ def recommend_batched(model: GSASRec, inputs: Sequences, limit: int, filter_rate
     order = np.argsort(lengths, kind="stable")
     items = np.empty((len(inputs), limit), dtype=np.int64)
     scores = np.empty((len(inputs), limit), dtype=np.float32)
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
+    for rows in length_sorted_batches(np.minimum(lengths[order], model.sequence_length), order, batch_size, device):
         longest = max(int(lengths[rows].max()), 1)
         window = inputs.windows(rows, min(longest, model.sequence_length), model.padding_id)
         rated = torch.from_numpy(inputs.windows(rows, longest, model.padding_id)).to(device) if filter_rated else None

@@ -53,16 +53,21 @@ class SelfAttentionBlock(nn.Module):
         batch, length, dim = x.shape
         return x.view(batch, length, self.num_heads, dim // self.num_heads).transpose(1, 2)
 
-    def forward(self, seq: torch.Tensor, attention_mask: torch.Tensor, is_item: torch.Tensor) -> torch.Tensor:
-        normed = self.attention_norm(seq)
-        query, key, value = self.split_heads(self.query(normed)), self.split_heads(self.key(seq)), self.split_heads(self.value(seq))
+    def forward(self, seq: torch.Tensor, attention_bias: torch.Tensor, is_item: torch.Tensor,
+                last_position_only: bool = False) -> torch.Tensor:
+        """attention_bias: (batch, 1, L, L), 0 where a query may attend to a key and -inf elsewhere.
+        With last_position_only, only the last position's output is computed (keys still span the sequence)."""
+        normed = self.attention_norm(seq[:, -1:] if last_position_only else seq)
+        if last_position_only:
+            attention_bias, is_item = attention_bias[:, :, -1:], is_item[:, -1:]
+        query = self.split_heads(self.query(normed))
+        key, value = self.split_heads(self.key(seq)), self.split_heads(self.value(seq))
         if self.training and self.attention_dropout.rate > 0:
             logits = (query @ key.transpose(-1, -2)) * query.shape[-1] ** -0.5
-            weights = logits.masked_fill(~attention_mask, float("-inf")).softmax(-1)
-            attended = self.attention_dropout(weights) @ value
+            attended = self.attention_dropout((logits + attention_bias).softmax(-1)) @ value
         else:
-            attended = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
-        x = normed + attended.transpose(1, 2).reshape(seq.shape)
+            attended = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_bias)
+        x = normed + attended.transpose(1, 2).reshape(normed.shape)
         x = self.feed_forward_norm(x)
         x = x + self.feed_forward(x)
         return x * is_item
@@ -97,8 +102,9 @@ class GSASRec(nn.Module):
         table = self.item_embedding if self.reuse_item_embeddings else self.output_embedding
         return table.weight
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        """(batch, length) left-padded item ids -> (batch, length, E) hidden states.
+    def forward(self, input: torch.Tensor, last_position_only: bool = False) -> torch.Tensor:
+        """(batch, length) left-padded item ids -> (batch, length, E) hidden states ((batch, 1, E) with
+        last_position_only, which skips the last block's work on every other position).
 
         A length shorter than sequence_length is read as the rightmost part of a full window, so cutting
         away columns of pure padding changes nothing."""
@@ -111,10 +117,11 @@ class GSASRec(nn.Module):
         seq = self.embedding_dropout(seq) * is_item
         causal = torch.ones(length, length, dtype=torch.bool, device=input.device).tril()
         # Keys are real items; each position also sees itself so rows of padding never become all-masked.
-        attention_mask = (causal & (is_item.transpose(1, 2) | torch.eye(length, dtype=torch.bool,
-                                                                         device=input.device))).unsqueeze(1)
-        for block in self.blocks:
-            seq = block(seq, attention_mask, is_item)
+        allowed = causal & (is_item.transpose(1, 2) | torch.eye(length, dtype=torch.bool, device=input.device))
+        attention_bias = torch.zeros(allowed.shape, dtype=seq.dtype, device=input.device).masked_fill_(
+            ~allowed, float("-inf")).unsqueeze(1)
+        for index, block in enumerate(self.blocks):
+            seq = block(seq, attention_bias, is_item, last_position_only and index == len(self.blocks) - 1)
         return self.final_norm(seq)
 
     @torch.no_grad()
@@ -124,7 +131,7 @@ class GSASRec(nn.Module):
 
         Id 0, the padding id and, if given, the `rated` ids ((batch, n) tensor, padding_id where unused)
         are never returned."""
-        last_hidden = self.forward(input)[:, -1, :]
+        last_hidden = self.forward(input, last_position_only=True)[:, -1, :]
         scores = last_hidden @ self.output_item_embeddings.T
         scores[:, 0] = float("-inf")
         scores[:, self.padding_id] = float("-inf")

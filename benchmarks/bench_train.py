@@ -1,0 +1,57 @@
+"""Seconds per training step of a config (default: the ML-1M gSASRec config), printed as one JSON line."""
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from common import benchmark_dataset, report
+from gsasrec import gbce_beta
+from train_gsasrec import training_batch, training_loss
+from utils import build_model, load_config, resolve_device
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", default="config_ml1m.py")
+    parser.add_argument("--negative-sampling", choices=["per_sequence", "per_position"], help="override the config")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--device")
+    parser.add_argument("--source", help="path to ml-1m.txt")
+    args = parser.parse_args()
+    config = load_config(args.config)
+    config.negative_sampling = args.negative_sampling or config.negative_sampling
+    config.bf16 = args.bf16 or config.bf16
+    device = resolve_device(args.device)
+    dataset, dataset_name = benchmark_dataset(args.source)
+    torch.manual_seed(0)
+    model = build_model(config, dataset.num_items).to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    generator = torch.Generator(device=device).manual_seed(0)
+    beta = gbce_beta(config.negs_per_pos, dataset.num_items, config.gbce_t)
+    rng = np.random.RandomState(0)
+    users = np.flatnonzero(dataset.train.lengths >= 2)
+    seconds = []
+    for step in range(args.warmup + args.steps):
+        started = time.perf_counter()
+        batch = training_batch(dataset, rng.choice(users, config.train_batch_size, replace=False),
+                               config.sequence_length).to(device)
+        loss = training_loss(model, batch, config, beta, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= args.warmup:
+            seconds.append(time.perf_counter() - started)
+    extra = {"peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)} if device.type == "cuda" else {}
+    report(benchmark="train_step", dataset=dataset_name, config=args.config, negative_sampling=config.negative_sampling,
+           bf16=config.bf16, batch_size=config.train_batch_size, negs_per_pos=config.negs_per_pos,
+           median_s=round(float(np.median(seconds)), 4), min_s=round(min(seconds), 4), steps=args.steps,
+           device=str(device), **extra)
+
+
+if __name__ == "__main__":
+    main()
