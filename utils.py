@@ -106,6 +106,33 @@ def load_model(checkpoint_path: str, device: str | None = None) -> tuple[GSASRec
     return model.to(resolve_device(device)).eval(), config
 
 
+def recommend_batch(model: GSASRec, histories: list[list[int]], k: int = 10,
+                    exclude_seen: bool = True) -> list[list[tuple[int, float]]]:
+    """Top-k (item_id, score) for each history (item ids, oldest first), in one batched forward pass."""
+    device = next(model.parameters()).device
+    all_items = [item for history in histories for item in history]
+    if any(not 1 <= item <= model.num_items for item in all_items):
+        raise GSASRecError(f"history item ids must lie in 1..{model.num_items}")
+    longest = max(max((len(history) for history in histories), default=1), 1)
+    padded = torch.full((len(histories), longest), model.padding_id, dtype=torch.int64)
+    for row, history in enumerate(histories):
+        if history:
+            padded[row, longest - len(history):] = torch.as_tensor(history, dtype=torch.int64)
+    was_training = model.training
+    model.eval()
+    items, scores = model.get_predictions(padded[:, -model.sequence_length:].to(device), min(k, model.num_items),
+                                          padded.to(device) if exclude_seen else None)
+    model.train(was_training)
+    return [[(int(item), float(score)) for item, score in zip(row_items, row_scores) if score > float("-inf")]
+            for row_items, row_scores in zip(items.tolist(), scores.tolist())]
+
+
+def recommend(model: GSASRec, history: list[int], k: int = 10, exclude_seen: bool = True) -> list[tuple[int, float]]:
+    """Top-k (item_id, score) after a history of item ids (oldest first); scores are logits, sigmoid(score)
+    is the predicted probability the item is next."""
+    return recommend_batch(model, [history], k, exclude_seen)[0]
+
+
 def run_cli(main) -> None:
     """Runs a script's main(), turning input problems into one line on stderr and exit status 2."""
     try:
