@@ -64,3 +64,49 @@ def evaluate(model: GSASRec, inputs: Sequences, targets: np.ndarray, metrics: li
              filter_rated: bool = True, batch_size: int = 512) -> dict[str, float]:
     recommended, _ = recommend_batched(model, inputs, limit, filter_rated, batch_size)
     return ranking_metrics(recommended, targets, metrics)
+
+
+def calibration_report(top_probabilities: np.ndarray, top_is_hit: np.ndarray, num_bins: int = 10) -> dict:
+    """How well sigmoid(top-1 score) predicts that the top-1 item is the held-out one.
+
+    Users are sorted by predicted probability and cut into num_bins equal-mass bins; the expected calibration
+    error is the count-weighted mean |predicted - observed| over bins, and the overconfidence factor is the mean
+    predicted top-1 probability divided by the observed R@1."""
+    order = np.argsort(top_probabilities, kind="stable")
+    bins = [bin_rows for bin_rows in np.array_split(order, num_bins) if len(bin_rows)]
+    predicted = np.array([top_probabilities[rows].mean() for rows in bins])
+    observed = np.array([top_is_hit[rows].mean() for rows in bins])
+    counts = np.array([len(rows) for rows in bins])
+    mean_probability, recall_at_1 = float(top_probabilities.mean()), float(top_is_hit.mean())
+    return {
+        "mean_top1_probability": mean_probability,
+        "R@1": recall_at_1,
+        "overconfidence": mean_probability / recall_at_1 if recall_at_1 > 0 else float("inf"),
+        "ece": float((counts * np.abs(predicted - observed)).sum() / counts.sum()),
+        "bins": [{"predicted": float(p), "observed": float(o), "count": int(c)}
+                 for p, o, c in zip(predicted, observed, counts)],
+    }
+
+
+def plot_reliability_diagrams(reports: dict[str, dict], path: str) -> None:
+    """Reliability diagrams side by side (one per named calibration report), saved as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axes = plt.subplots(1, len(reports), figsize=(4.2 * len(reports), 4.4), squeeze=False)
+    for axis, (name, report) in zip(axes[0], reports.items()):
+        predicted = [b["predicted"] for b in report["bins"]]
+        observed = [b["observed"] for b in report["bins"]]
+        limit = max(max(predicted), max(observed), 0.05) * 1.1
+        axis.plot([0, limit], [0, limit], "--", color="grey", label="perfect calibration")
+        axis.plot(predicted, observed, "o-", label="model")
+        for b in report["bins"]:
+            axis.annotate(str(b["count"]), (b["predicted"], b["observed"]), textcoords="offset points",
+                          xytext=(3, 4), fontsize=7, color="dimgrey")
+        axis.set(xlim=(0, limit), ylim=(0, limit), xlabel="predicted P(top-1 is the next item)",
+                 ylabel="observed frequency", title=f"{name}\nECE {report['ece']:.3f}, "
+                                                   f"overconfidence {report['overconfidence']:.2f}x")
+        axis.legend(loc="upper left", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

@@ -7,9 +7,20 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+
 from dataset_utils import ensure_dataset, load_dataset
-from eval_utils import evaluate
+from eval_utils import calibration_report, plot_reliability_diagrams, ranking_metrics, recommend_batched
 from utils import load_config, model_from_checkpoint, read_checkpoint, resolve_device, run_cli
+
+
+def print_calibration(report: dict) -> None:
+    print(f"mean predicted top-1 probability\t{report['mean_top1_probability']:.4f}")
+    print(f"observed R@1\t{report['R@1']:.4f}")
+    print(f"overconfidence (predicted / observed)\t{report['overconfidence']:.2f}")
+    print(f"expected calibration error ({len(report['bins'])} equal-mass bins)\t{report['ece']:.4f}")
+    for b in report["bins"]:
+        print(f"  predicted {b['predicted']:.4f}  observed {b['observed']:.4f}  users {b['count']}")
 
 
 def main() -> None:
@@ -21,7 +32,14 @@ def main() -> None:
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--source", help="path to ml-1m.txt when the ML-1M split must be prepared")
     parser.add_argument("--output", help="also write the metrics as JSON to this file")
+    parser.add_argument("--calibration", action="store_true",
+                        help="report how calibrated sigmoid(top-1 score) is: mean predicted probability vs R@1, "
+                             "overconfidence factor, expected calibration error")
+    parser.add_argument("--bins", type=int, default=10, help="equal-mass bins for the calibration error (default 10)")
+    parser.add_argument("--plot", help="with --calibration: save the reliability diagram to this PNG")
     args = parser.parse_args()
+    if args.plot and not args.calibration:
+        parser.error("--plot needs --calibration")
     checkpoint_path = args.checkpoint or args.checkpoint_path
     if not checkpoint_path:
         parser.error("give a checkpoint: --checkpoint PATH (or PATH)")
@@ -34,15 +52,23 @@ def main() -> None:
     inputs, targets = ((dataset.test_input, dataset.test_target) if args.split == "test"
                        else (dataset.val_input, dataset.val_target))
     started = time.perf_counter()
-    metrics = evaluate(model, inputs, targets, config.metrics, config.recommendation_limit,
-                       config.filter_rated, config.eval_batch_size)
+    recommended, scores = recommend_batched(model, inputs, config.recommendation_limit, config.filter_rated,
+                                            config.eval_batch_size)
+    metrics = ranking_metrics(recommended, targets, config.metrics)
     seconds = time.perf_counter() - started
     for name, value in metrics.items():
         print(f"{name}\t{value:.4f}")
     print(f"({len(targets)} {args.split} users, {seconds:.2f}s)")
+    result = {"checkpoint": str(checkpoint_path), "dataset": dataset_name, "split": args.split,
+              "users": len(targets), "metrics": metrics}
+    if args.calibration:
+        probabilities = 1 / (1 + np.exp(-scores[:, 0].astype(np.float64)))
+        result["calibration"] = calibration_report(probabilities, recommended[:, 0] == targets, args.bins)
+        print_calibration(result["calibration"])
+        if args.plot:
+            plot_reliability_diagrams({Path(checkpoint_path).name[:40]: result["calibration"]}, args.plot)
+            print(f"Reliability diagram saved to {args.plot}")
     if args.output:
-        result = {"checkpoint": str(checkpoint_path), "dataset": dataset_name, "split": args.split,
-                  "users": len(targets), "metrics": metrics}
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
 
 
