@@ -5,14 +5,20 @@ Ctrl-C / SIGTERM and when a budget runs out), the best checkpoint and a JSONL lo
 command continues where it stopped, with the same numbers an uninterrupted run gives.
 """
 import argparse
+import hashlib
 import json
 import math
+import os
 import signal
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from config import GSASRecError, GSASRecExperimentConfig
@@ -68,18 +74,31 @@ def training_batch(dataset: DatasetSplit, rows: np.ndarray, sequence_length: int
     return torch.from_numpy(dataset.train.windows(rows, width, dataset.padding_id).astype(np.int64))
 
 
+class TrainingObjective(nn.Module):
+    """The loss of one batch as a module, so DistributedDataParallel can wrap the whole step."""
+
+    def __init__(self, model: GSASRec, config: GSASRecExperimentConfig, beta: float):
+        super().__init__()
+        self.model, self.config, self.beta = model, config, beta
+
+    def forward(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return training_loss(self.model, batch, self.config, self.beta, generator)
+
+
 class StopRequest:
     """Turns the first Ctrl-C / SIGTERM into a flag checked between steps; a second one interrupts at once."""
 
-    def __init__(self):
+    def __init__(self, announce: bool):
         self.requested = False
+        self.announce = announce
         self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nStopping: saving the training state after this step (press Ctrl-C again to abort)...")
+        if self.announce:
+            print("\nStopping: saving the training state after this step (press Ctrl-C again to abort)...")
 
     def restore(self):
         for sig, handler in self.previous.items():
@@ -93,139 +112,246 @@ def comparable(config: GSASRecExperimentConfig) -> dict:
     return values
 
 
-def train(config: GSASRecExperimentConfig, dataset: DatasetSplit, run_dir: Path, device: torch.device,
-          log_test_metrics: bool = False, progress: bool = True) -> dict:
-    """Trains (or resumes) the run in run_dir; returns the final training state's summary."""
-    run_dir = Path(run_dir)
-    state_path = run_dir / STATE_FILE
-    torch.manual_seed(config.seed)
-    model = build_model(config, dataset.num_items).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-    warmup = config.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
-    generator = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(config.seed)
-    trainable_rows = np.flatnonzero(dataset.train.lengths >= 2)
-    batches_per_epoch = min(config.max_batches_per_epoch, math.ceil(len(trainable_rows) / config.train_batch_size))
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "permutation": None, "best_metric": -math.inf,
-             "best_checkpoint": None, "epochs_without_improvement": 0, "elapsed_seconds": 0.0,
-             "finished": None, "stopped": None}
-    if state_path.is_file():
-        saved = torch.load(state_path, map_location="cpu", weights_only=False)
-        if comparable(GSASRecExperimentConfig.from_dict(saved["config"])) != comparable(config):
-            raise GSASRecError(f"{run_dir} holds a run with a different config; pass --run-dir to start a new "
-                               "run elsewhere or --fresh to overwrite it")
-        model.load_state_dict(saved["model_state"])
-        optimizer.load_state_dict(saved["optimizer_state"])
-        scheduler.load_state_dict(saved["scheduler_state"])
-        torch.set_rng_state(saved["torch_rng"])
-        if device.type == "cuda" and saved["cuda_rng"] is not None:
-            torch.cuda.set_rng_state(saved["cuda_rng"], device)
-        generator.set_state(saved["generator_state"])
-        state = saved["progress"]
-        if state["finished"] in ("early stopping", "max_epochs"):
-            print(f"{run_dir} already finished ({state['finished']}); best checkpoint: {state['best_checkpoint']}")
-            return state
-        print(f"Resuming {run_dir} at step {state['step']} (epoch {state['epoch']})")
-    beta = gbce_beta(config.negs_per_pos, dataset.num_items, config.gbce_t)
+class Trainer:
+    """One training run, alone or as one rank of a torchrun job.
 
-    def save_state():
-        atomic_save({"config": config.__dict__, "model_state": model.state_dict(),
-                     "optimizer_state": optimizer.state_dict(), "scheduler_state": scheduler.state_dict(),
-                     "torch_rng": torch.get_rng_state(), "generator_state": generator.get_state(),
-                     "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                     "progress": state}, state_path)
+    With world_size > 1 each rank trains on its own shard of users (DistributedSampler) with
+    train_batch_size users per step, so a step sees train_batch_size * world_size users; DDP averages the
+    gradients. Rank 0 validates, logs and writes checkpoints, and its decisions are broadcast so all ranks
+    stop together."""
 
-    def budget_exhausted() -> str | None:
-        if config.max_steps is not None and state["step"] >= config.max_steps:
-            return "max_steps"
-        if config.max_training_time is not None and state["elapsed_seconds"] >= config.max_training_time:
-            return "max_training_time"
-        return None
+    def __init__(self, config: GSASRecExperimentConfig, dataset: DatasetSplit, run_dir: Path, device: torch.device,
+                 rank: int = 0, world_size: int = 1, log_test_metrics: bool = False, progress: bool = True):
+        self.config, self.dataset, self.run_dir, self.device = config, dataset, Path(run_dir), device
+        self.rank, self.world_size = rank, world_size
+        self.log_test_metrics, self.progress = log_test_metrics, progress and rank == 0
+        torch.manual_seed(config.seed)
+        self.model = build_model(config, dataset.num_items).to(device)
+        torch.manual_seed(config.seed + rank)
+        self.generator = torch.Generator(device=device).manual_seed(config.seed + rank)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate)
+        warmup = config.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        objective = TrainingObjective(self.model, config, gbce_beta(config.negs_per_pos, dataset.num_items,
+                                                                    config.gbce_t))
+        self.objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda"
+                                                 else None) if world_size > 1 else objective
+        self.trainable_rows = np.flatnonzero(dataset.train.lengths >= 2)
+        self.sampler = DistributedSampler(range(len(self.trainable_rows)), num_replicas=world_size, rank=rank,
+                                          shuffle=True, seed=config.seed)
+        self.batches_per_epoch = min(config.max_batches_per_epoch,
+                                     math.ceil(len(self.sampler) / config.train_batch_size))
+        self.state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "epoch_loss_sum": 0.0, "best_metric": -math.inf,
+                      "best_checkpoint": None, "epochs_without_improvement": 0, "elapsed_seconds": 0.0,
+                      "finished": None, "stopped": None}
+        self.clock = time.perf_counter()
 
-    clock = [time.perf_counter()]
+    @property
+    def state_path(self) -> Path:
+        return self.run_dir / STATE_FILE
 
-    def tick():
+    def say(self, message: str) -> None:
+        if self.rank == 0:
+            print(message, flush=True)
+
+    def rng_state(self) -> dict:
+        return {"torch": torch.get_rng_state(), "generator": self.generator.get_state(),
+                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+
+    def save_state(self) -> None:
+        """Collective: gathers every rank's RNG state, then rank 0 writes the state file atomically."""
+        rng_states = [self.rng_state()]
+        if self.world_size > 1:
+            rng_states = [None] * self.world_size
+            dist.all_gather_object(rng_states, self.rng_state())
+        if self.rank == 0:
+            atomic_save({"config": self.config.__dict__, "model_state": self.model.state_dict(),
+                         "optimizer_state": self.optimizer.state_dict(),
+                         "scheduler_state": self.scheduler.state_dict(), "rng_states": rng_states,
+                         "progress": self.state}, self.state_path)
+
+    def load_state(self) -> None:
+        saved = torch.load(self.state_path, map_location="cpu", weights_only=False)
+        if comparable(GSASRecExperimentConfig.from_dict(saved["config"])) != comparable(self.config):
+            raise GSASRecError(f"{self.run_dir} holds a run with a different config; pass --run-dir to start a "
+                               "new run elsewhere or --fresh to overwrite it")
+        self.model.load_state_dict(saved["model_state"])
+        self.optimizer.load_state_dict(saved["optimizer_state"])
+        self.scheduler.load_state_dict(saved["scheduler_state"])
+        self.state = saved["progress"]
+        self.state["finished"] = self.finished_reason()
+        rng_states = saved["rng_states"]
+        if len(rng_states) == self.world_size:
+            torch.set_rng_state(rng_states[self.rank]["torch"])
+            self.generator.set_state(rng_states[self.rank]["generator"])
+            if self.device.type == "cuda" and rng_states[self.rank]["cuda"] is not None:
+                torch.cuda.set_rng_state(rng_states[self.rank]["cuda"], self.device)
+        else:
+            self.say(f"The run was saved with {len(rng_states)} process(es), resumed with {self.world_size}: "
+                     "random streams restart from the seed and the step")
+            torch.manual_seed(self.config.seed + self.rank + self.state["step"])
+            self.generator.manual_seed(self.config.seed + self.rank + self.state["step"])
+
+    def tick(self) -> None:
         """Adds the wall-clock time since the last tick to the run's elapsed time."""
         now = time.perf_counter()
-        state["elapsed_seconds"] += now - clock[0]
-        clock[0] = now
+        self.state["elapsed_seconds"] += now - self.clock
+        self.clock = now
 
-    stop_request = StopRequest()
-    model.train()
-    try:
-        while state["epoch"] < config.max_epochs and state["finished"] is None:
-            if state["batch_in_epoch"] == 0:
-                state["permutation"] = torch.randperm(len(trainable_rows), generator=generator,
-                                                      device=generator.device).cpu().numpy()
-                state["epoch_loss_sum"] = 0.0
-            bar = tqdm(total=batches_per_epoch, initial=state["batch_in_epoch"], disable=not progress,
-                       desc=f"epoch {state['epoch']}", leave=False)
-            while state["batch_in_epoch"] < batches_per_epoch:
-                reason = budget_exhausted() or ("interrupted" if stop_request.requested else None)
-                if reason:
-                    tick()
-                    state["stopped"] = reason
-                    save_state()
-                    bar.close()
-                    print(f"Stopped ({reason}) at step {state['step']}; rerun the same command to continue.")
-                    return state
-                start = state["batch_in_epoch"] * config.train_batch_size
-                rows = trainable_rows[state["permutation"][start:start + config.train_batch_size]]
-                loss = training_loss(model, training_batch(dataset, rows, config.sequence_length).to(device),
-                                     config, beta, generator)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                state["step"] += 1
-                state["batch_in_epoch"] += 1
-                loss_value = loss.item()
-                state["epoch_loss_sum"] += loss_value
-                bar.update()
-                bar.set_postfix(loss=f"{loss_value:.4f}")
-                tick()
-            bar.close()
-            validation = evaluate(model, dataset.val_input, dataset.val_target, config.metrics,
-                                  config.recommendation_limit, config.filter_rated, config.eval_batch_size)
-            tick()
+    def stop_reason(self, stop_request: StopRequest) -> str | None:
+        """A budget or a signal; with several ranks, any rank's reason stops them all at the same step."""
+        reasons = [None, "max_steps", "max_training_time", "interrupted"]
+        code = 0
+        if self.config.max_steps is not None and self.state["step"] >= self.config.max_steps:
+            code = 1
+        elif self.config.max_training_time is not None and self.state["elapsed_seconds"] >= self.config.max_training_time:
+            code = 2
+        elif stop_request.requested:
+            code = 3
+        if self.world_size > 1:
+            flag = torch.tensor([code], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            code = int(flag.item())
+        return reasons[code]
+
+    def train_step(self, rows: np.ndarray) -> float:
+        batch = training_batch(self.dataset, rows, self.config.sequence_length).to(self.device)
+        loss = self.objective(batch, self.generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return loss.item()
+
+    def evaluate(self, inputs, targets) -> dict[str, float]:
+        config = self.config
+        return evaluate(self.model, inputs, targets, config.metrics, config.recommendation_limit,
+                        config.filter_rated, config.eval_batch_size)
+
+    def end_epoch(self) -> None:
+        """Rank 0 validates, keeps the best checkpoint and logs; then every rank takes rank 0's state."""
+        state, config = self.state, self.config
+        if self.rank == 0:
+            validation = self.evaluate(self.dataset.val_input, self.dataset.val_target)
+            self.tick()
             record = {"step": state["step"], "epoch": state["epoch"], "time_s": round(state["elapsed_seconds"], 2),
-                      "train_loss": state["epoch_loss_sum"] / batches_per_epoch,
+                      "train_loss": state["epoch_loss_sum"] / self.batches_per_epoch,
                       **{f"val_{name}": value for name, value in validation.items()}}
-            if log_test_metrics:
-                test = evaluate(model, dataset.test_input, dataset.test_target, config.metrics,
-                                config.recommendation_limit, config.filter_rated, config.eval_batch_size)
+            if self.log_test_metrics:
+                test = self.evaluate(self.dataset.test_input, self.dataset.test_target)
                 record.update({f"test_{name}": value for name, value in test.items()})
-                clock[0] = time.perf_counter()  # test evaluation is bookkeeping, not training time
-            metric = validation[config.val_metric]
-            if metric > state["best_metric"]:
-                state["best_metric"] = metric
-                state["epochs_without_improvement"] = 0
-                previous = state["best_checkpoint"]
-                best_path = run_dir / checkpoint_name(config, state["step"], metric)
-                atomic_save(model_checkpoint(model, config, step=state["step"], epoch=state["epoch"],
-                                             val_metrics=validation), best_path)
-                state["best_checkpoint"] = str(best_path)
-                if previous and Path(previous) != best_path:
-                    Path(previous).unlink(missing_ok=True)
-            else:
-                state["epochs_without_improvement"] += 1
-            with open(run_dir / LOG_FILE, "a") as log:
+            self.keep_if_best(validation)
+            with open(self.run_dir / LOG_FILE, "a") as log:
                 log.write(json.dumps(record) + "\n")
-            print(f"epoch {state['epoch']} step {state['step']} loss {record['train_loss']:.4f} " +
-                  " ".join(f"{key} {value:.4f}" for key, value in record.items() if "@" in key) +
-                  f" | best {config.val_metric} {state['best_metric']:.4f} ({state['elapsed_seconds']:.0f}s)", flush=True)
+            self.say(f"epoch {state['epoch']} step {state['step']} loss {record['train_loss']:.4f} " +
+                     " ".join(f"{key} {value:.4f}" for key, value in record.items() if "@" in key) +
+                     f" | best {config.val_metric} {state['best_metric']:.4f} ({state['elapsed_seconds']:.0f}s)")
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
-            if state["epochs_without_improvement"] >= config.early_stopping_patience:
-                state["finished"] = "early stopping"
-            elif state["epoch"] >= config.max_epochs:
-                state["finished"] = "max_epochs"
-            state["stopped"] = state["finished"]
-            save_state()
-    finally:
-        stop_request.restore()
-    print(f"Finished ({state['finished']}); best checkpoint: {state['best_checkpoint']}")
-    return state
+            state["finished"] = state["stopped"] = self.finished_reason()
+        if self.world_size > 1:
+            shared = [state]
+            dist.broadcast_object_list(shared, src=0)
+            self.state = shared[0]
+        self.clock = time.perf_counter()  # test evaluation and waiting for rank 0 are not training time
+        self.save_state()
+
+    def finished_reason(self) -> str | None:
+        """Recomputed from the config, so a resumed run may raise max_epochs or the patience and go on."""
+        if self.state["epochs_without_improvement"] >= self.config.early_stopping_patience:
+            return "early stopping"
+        return "max_epochs" if self.state["epoch"] >= self.config.max_epochs else None
+
+    def keep_if_best(self, validation: dict[str, float]) -> None:
+        state = self.state
+        metric = validation[self.config.val_metric]
+        if metric <= state["best_metric"]:
+            state["epochs_without_improvement"] += 1
+            return
+        state["best_metric"] = metric
+        state["epochs_without_improvement"] = 0
+        previous = state["best_checkpoint"]
+        best_path = self.run_dir / checkpoint_name(self.config, state["step"], metric)
+        atomic_save(model_checkpoint(self.model, self.config, step=state["step"], epoch=state["epoch"],
+                                     val_metrics=validation), best_path)
+        state["best_checkpoint"] = str(best_path)
+        if previous and Path(previous) != best_path:
+            Path(previous).unlink(missing_ok=True)
+
+    def run(self) -> dict:
+        """Trains until early stopping, max_epochs, a budget or a signal; returns the final state."""
+        state, config = self.state, self.config
+        if self.state_path.is_file():
+            self.load_state()
+            state = self.state
+            if state["finished"]:
+                self.say(f"{self.run_dir} already finished ({state['finished']}); "
+                         f"best checkpoint: {state['best_checkpoint']}")
+                return state
+            self.say(f"Resuming {self.run_dir} at step {state['step']} (epoch {state['epoch']})")
+        stop_request = StopRequest(announce=self.rank == 0)
+        self.model.train()
+        self.clock = time.perf_counter()
+        try:
+            while not self.state["finished"]:
+                state = self.state
+                self.sampler.set_epoch(state["epoch"])
+                shard = self.trainable_rows[np.fromiter(self.sampler, dtype=np.int64)]
+                if state["batch_in_epoch"] == 0:
+                    state["epoch_loss_sum"] = 0.0
+                bar = tqdm(total=self.batches_per_epoch, initial=state["batch_in_epoch"], disable=not self.progress,
+                           desc=f"epoch {state['epoch']}", leave=False)
+                while state["batch_in_epoch"] < self.batches_per_epoch:
+                    reason = self.stop_reason(stop_request)
+                    if reason:
+                        self.tick()
+                        state["stopped"] = reason
+                        self.save_state()
+                        bar.close()
+                        self.say(f"Stopped ({reason}) at step {state['step']}; rerun the same command to continue.")
+                        return state
+                    start = state["batch_in_epoch"] * config.train_batch_size
+                    loss = self.train_step(shard[start:start + config.train_batch_size])
+                    state["step"] += 1
+                    state["batch_in_epoch"] += 1
+                    state["epoch_loss_sum"] += loss
+                    bar.update()
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                    self.tick()
+                bar.close()
+                self.end_epoch()
+        finally:
+            stop_request.restore()
+        self.say(f"Finished ({self.state['finished']}); best checkpoint: {self.state['best_checkpoint']}")
+        return self.state
+
+
+def train(config: GSASRecExperimentConfig, dataset: DatasetSplit, run_dir: Path, device: torch.device,
+          log_test_metrics: bool = False, progress: bool = True) -> dict:
+    """Trains (or resumes) the run in run_dir in this process; returns the final training state."""
+    return Trainer(config, dataset, run_dir, device, log_test_metrics=log_test_metrics, progress=progress).run()
+
+
+def init_distributed(device_name: str | None) -> tuple[int, int, torch.device]:
+    """(rank, world size, device): under torchrun joins the process group (nccl on GPUs, gloo on CPUs)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, resolve_device(device_name)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    use_cuda = torch.cuda.is_available() and not (device_name or "").startswith("cpu")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return dist.get_rank(), world_size, device
+
+
+def weights_digest(model: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for value in model.state_dict().values():
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def main() -> None:
@@ -242,15 +368,27 @@ def main() -> None:
     args = parser.parse_args()
     config = load_config(args.config)
     run_dir = Path(args.run_dir or Path("models") / Path(args.config).stem)
-    if args.fresh:
-        for path in [run_dir / STATE_FILE, run_dir / LOG_FILE, *run_dir.glob("gsasrec-*.pt")]:
-            path.unlink(missing_ok=True)
+    rank, world_size, device = init_distributed(args.device)
+    if rank == 0:
+        if args.fresh:
+            for path in [run_dir / STATE_FILE, run_dir / LOG_FILE, *run_dir.glob("gsasrec-*.pt")]:
+                path.unlink(missing_ok=True)
+        ensure_dataset(config.dataset_name, args.source)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    if world_size > 1:
+        dist.barrier()
     dataset = load_dataset(ensure_dataset(config.dataset_name, args.source))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    state = train(config, dataset, run_dir, resolve_device(args.device), args.log_test_metrics,
-                  progress=not args.no_progress)
-    print(json.dumps({"best_checkpoint": state["best_checkpoint"], f"best_val_{config.val_metric}": state["best_metric"],
-                      "steps": state["step"], "stopped": state["stopped"]}))
+    trainer = Trainer(config, dataset, run_dir, device, rank, world_size, args.log_test_metrics,
+                      progress=not args.no_progress)
+    state = trainer.run()
+    if world_size > 1:
+        print(f"rank {rank}: stopped at epoch {state['epoch']} step {state['step']}, "
+              f"weights {weights_digest(trainer.model)}", flush=True)
+        dist.destroy_process_group()
+    if rank == 0:
+        print(json.dumps({"best_checkpoint": state["best_checkpoint"],
+                          f"best_val_{config.val_metric}": state["best_metric"], "steps": state["step"],
+                          "stopped": state["stopped"], "world_size": world_size}))
 
 
 if __name__ == "__main__":

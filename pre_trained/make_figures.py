@@ -1,0 +1,79 @@
+"""Draws the figures of pre_trained/README.md from the training logs and the committed checkpoints.
+
+  python3 pre_trained/make_figures.py learning-curves --log NAME=PATH/log.jsonl ... --output curves.png
+  python3 pre_trained/make_figures.py calibration --checkpoint NAME=PATH.pt ... --output calibration.png
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dataset_utils import ensure_dataset, load_dataset  # noqa: E402
+from eval_utils import calibration_report, plot_reliability_diagrams, ranking_metrics, recommend_batched  # noqa: E402
+from utils import load_model, run_cli  # noqa: E402
+
+
+def named_paths(values: list[str]) -> dict[str, str]:
+    return dict(value.split("=", 1) for value in values)
+
+
+def learning_curves(logs: dict[str, str], output: str, target: float | None) -> None:
+    """Validation and test nDCG@10 against training wall-clock hours, one colour per run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axis = plt.subplots(figsize=(8, 5))
+    for (name, path), colour in zip(logs.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+        records = [json.loads(line) for line in Path(path).read_text().splitlines()]
+        hours = np.array([record["time_s"] for record in records]) / 3600
+        axis.plot(hours, [record["val_nDCG@10"] for record in records], color=colour, alpha=0.45,
+                  label=f"{name}: validation")
+        if "test_nDCG@10" in records[0]:
+            axis.plot(hours, [record["test_nDCG@10"] for record in records], color=colour,
+                      label=f"{name}: test")
+    if target:
+        axis.axhline(target, color="black", linestyle="--", linewidth=1, label=f"paper's test nDCG@10 {target}")
+    axis.set(xlabel="training wall-clock (hours)", ylabel="nDCG@10", title="ML-1M learning curves")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(output, dpi=120)
+
+
+def calibration(checkpoints: dict[str, str], output: str, bins: int) -> None:
+    """Test-split reliability diagrams of several checkpoints side by side; prints each report."""
+    reports = {}
+    for name, path in checkpoints.items():
+        model, config = load_model(path, device="cpu")
+        dataset = load_dataset(ensure_dataset(config.dataset_name))
+        items, scores = recommend_batched(model, dataset.test_input, config.recommendation_limit,
+                                          config.filter_rated, config.eval_batch_size)
+        probabilities = 1 / (1 + np.exp(-scores[:, 0].astype(np.float64)))
+        reports[name] = calibration_report(probabilities, items[:, 0] == dataset.test_target, bins)
+        reports[name]["nDCG@10"] = ranking_metrics(items, dataset.test_target, ["nDCG@10"])["nDCG@10"]
+        print(json.dumps({"name": name, **{k: v for k, v in reports[name].items() if k != "bins"}}))
+    plot_reliability_diagrams(reports, output)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("figure", choices=["learning-curves", "calibration"])
+    parser.add_argument("--log", action="append", default=[], help="NAME=path/to/log.jsonl (learning curves)")
+    parser.add_argument("--checkpoint", action="append", default=[], help="NAME=path/to/checkpoint.pt (calibration)")
+    parser.add_argument("--target", type=float, default=0.1726, help="a horizontal line on the learning curves")
+    parser.add_argument("--bins", type=int, default=10)
+    parser.add_argument("--output", required=True, help="PNG file")
+    args = parser.parse_args()
+    if args.figure == "learning-curves":
+        learning_curves(named_paths(args.log), args.output, args.target)
+    else:
+        calibration(named_paths(args.checkpoint), args.output, args.bins)
+    print(f"Saved {args.output}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
