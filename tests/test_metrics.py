@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dataset_utils import Sequences
-from eval_utils import ranking_metrics, recommend_batched
+from eval_utils import ir_measures_metrics, ranking_metrics, recommend_batched
 from gsasrec import GSASRec
 
 
@@ -36,3 +36,14 @@ def test_batched_recommendations_equal_one_padded_pass():
     assert (items == expected_items.numpy()).mean() > 0.95  # ties of nearly equal scores may swap
     for row in rows:
         assert not set(items[row]) & set(inputs.items[offsets[row]:offsets[row + 1]])
+
+
+def test_direct_metrics_equal_ir_measures():
+    rng = np.random.RandomState(3)
+    recommended = np.array([rng.permutation(30)[:10] + 1 for _ in range(500)])
+    targets = rng.randint(1, 31, 500)
+    names = ["nDCG@10", "nDCG@5", "R@1", "R@3", "R@10"]
+    direct = ranking_metrics(recommended, targets, names)
+    assert direct == pytest.approx(ir_measures_metrics(recommended, targets, names), abs=1e-12)
+    assert ranking_metrics(recommended, targets, ["P@10", "R@10"]) == pytest.approx(
+        ir_measures_metrics(recommended, targets, ["P@10", "R@10"]))
