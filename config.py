@@ -39,6 +39,9 @@ class GSASRecExperimentConfig:
     warmup_steps: int = 0
     # Std of the normal init of the embedding tables; None keeps PyTorch's N(0, 1) as the official port.
     embedding_init_std: float | None = None
+    # Start every item's score at log(1 / num_items), the chance of a random item being the next one
+    # (GSASRec.start_scores_at): learning then starts at once instead of after a long popularity plateau.
+    prior_score_init: bool = False
     # bf16 autocast for the forward pass on hardware that supports it.
     bf16: bool = False
     # Budgets: stop after this many optimiser steps / seconds of training (None: no limit).

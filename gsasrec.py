@@ -76,7 +76,7 @@ class SelfAttentionBlock(nn.Module):
 class GSASRec(nn.Module):
     def __init__(self, num_items: int, sequence_length: int = 200, embedding_dim: int = 256, num_heads: int = 4,
                  num_blocks: int = 3, dropout_rate: float = 0.0, reuse_item_embeddings: bool = False,
-                 embedding_init_std: float | None = None):
+                 embedding_init_std: float | None = None, initial_score: float | None = None):
         super().__init__()
         self.num_items = num_items
         self.padding_id = num_items + 1
@@ -95,6 +95,20 @@ class GSASRec(nn.Module):
             for module in self.modules():
                 if isinstance(module, nn.Embedding):
                     nn.init.normal_(module.weight, std=embedding_init_std)
+        if initial_score is not None:
+            self.start_scores_at(initial_score)
+
+    @torch.no_grad()
+    def start_scores_at(self, score: float) -> None:
+        """Initialises every item's score near `score`, as a classifier's bias is set to the prior log-odds.
+
+        The model has no output bias, but the final LayerNorm's bias can act as one: its output minus the bias
+        has zero mean over features, so with that bias all ones, a shift of score / E on every output embedding
+        adds exactly `score` to every score. Starting near log(1 / num_items) leaves the sampled negatives
+        near their optimum; from a zero start, pushing them down first collapses the hidden state to a
+        popularity model, which with many negatives takes thousands of steps to undo."""
+        self.final_norm.bias.fill_(1.0)
+        self.output_item_embeddings.add_(score / self.embedding_dim)
 
     @property
     def output_item_embeddings(self) -> torch.Tensor:

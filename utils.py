@@ -1,6 +1,7 @@
 """Config files, model building, devices and self-describing checkpoints."""
 import dataclasses
 import importlib.util
+import math
 import os
 import sys
 from pathlib import Path
@@ -34,7 +35,8 @@ def build_model(config: GSASRecExperimentConfig, num_items: int) -> GSASRec:
     return GSASRec(num_items, sequence_length=config.sequence_length, embedding_dim=config.embedding_dim,
                    num_heads=config.num_heads, num_blocks=config.num_blocks, dropout_rate=config.dropout_rate,
                    reuse_item_embeddings=config.reuse_item_embeddings,
-                   embedding_init_std=config.embedding_init_std)
+                   embedding_init_std=config.embedding_init_std,
+                   initial_score=-math.log(num_items) if config.prior_score_init else None)
 
 
 def resolve_device(name: str | None = None) -> torch.device:

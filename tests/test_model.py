@@ -78,3 +78,15 @@ def test_dropout_drops_at_the_rate_and_keeps_the_mean():
     assert (output == 0).float().mean().item() == pytest.approx(0.3, abs=0.005)
     assert output.mean().item() == pytest.approx(1.0, abs=0.01)
     assert torch.equal(dropout.eval()(torch.ones(10)), torch.ones(10))
+
+
+def test_scores_can_start_at_a_prior():
+    torch.manual_seed(0)
+    model = GSASRec(NUM_ITEMS, LENGTH, embedding_dim=16, num_heads=2, num_blocks=2, embedding_init_std=0.01,
+                    initial_score=-8.0).eval()
+    input = torch.randint(1, NUM_ITEMS + 1, (30, LENGTH))
+    scores = model(input)[:, -1] @ model.output_item_embeddings[1:NUM_ITEMS + 1].T
+    assert scores.mean().item() == pytest.approx(-8.0, abs=0.1)
+    plain = small_model()
+    plain_scores = plain(input)[:, -1] @ plain.output_item_embeddings[1:NUM_ITEMS + 1].T
+    assert abs(plain_scores.mean().item()) < 1.0
