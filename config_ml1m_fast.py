@@ -5,19 +5,8 @@ different initialisation and bf16 where the hardware supports it.
 - every item's score starts at log(1 / num_items) (GSASRec.start_scores_at): with zero-centred scores the 256
   negatives per positive first drive the model to a popularity ranking that takes thousands of steps to leave;
 - bf16 autocast of the Transformer (the loss stays float32)."""
-from config import GSASRecExperimentConfig
+from dataclasses import replace
 
-config = GSASRecExperimentConfig(
-    dataset_name="ml1m",
-    sequence_length=200,
-    embedding_dim=128,
-    num_heads=1,
-    max_batches_per_epoch=100,
-    num_blocks=2,
-    dropout_rate=0.5,
-    negs_per_pos=256,
-    gbce_t=0.75,
-    embedding_init_std=0.05,
-    prior_score_init=True,
-    bf16=True,
-)
+from config_ml1m import config as gsasrec_config
+
+config = replace(gsasrec_config, embedding_init_std=0.05, prior_score_init=True, bf16=True)
