@@ -37,6 +37,8 @@ class GSASRecExperimentConfig:
     learning_rate: float = 1e-3
     # Linear warm-up over this many steps, then constant (0 disables it: the official schedule).
     warmup_steps: int = 0
+    # After the warm-up, cosine decay of the learning rate to zero over this many steps (0: constant).
+    lr_decay_steps: int = 0
     # Std of the normal init of the embedding tables; None keeps PyTorch's N(0, 1) as the official port.
     embedding_init_std: float | None = None
     # Start every item's score at log(1 / num_items), the chance of a random item being the next one
@@ -67,7 +69,7 @@ class GSASRecExperimentConfig:
             (self.negative_sampling in NEGATIVE_SAMPLING_MODES,
              f"negative_sampling must be one of {NEGATIVE_SAMPLING_MODES}, got {self.negative_sampling!r}"),
             (self.learning_rate > 0, "learning_rate must be > 0"),
-            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+            (self.warmup_steps >= 0 and self.lr_decay_steps >= 0, "warmup_steps and lr_decay_steps must be >= 0"),
             (self.embedding_init_std is None or self.embedding_init_std > 0, "embedding_init_std must be > 0"),
             (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1"),
             (self.max_training_time is None or self.max_training_time > 0, "max_training_time must be > 0"),

@@ -11,6 +11,7 @@ import math
 import os
 import signal
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -33,15 +34,16 @@ LOG_FILE = "log.jsonl"
 BUDGET_FIELDS = {"max_epochs", "max_steps", "max_training_time", "early_stopping_patience"}
 
 
-LENGTH_GROUP_SIZE = 32
+# On a CPU, sequences go through the model in groups of this many, each cut to its own longest sequence.
+CPU_LENGTH_GROUP_SIZE = 32
 
 
 def training_loss(model: GSASRec, batch: torch.Tensor, config: GSASRecExperimentConfig, beta: float,
                   generator: torch.Generator) -> torch.Tensor:
     """gBCE over every non-padded position of a (batch, width) window: inputs batch[:, :-1], labels batch[:, 1:].
 
-    Rows go through the model in groups of similar length, each group cut to its longest row: the same
-    loss as one padded pass (sequences do not interact), with about 40% less work on ML-1M."""
+    On a CPU, rows go through the model in groups of similar length, each group cut to its longest row: the
+    same loss as one padded pass (sequences do not interact), with about 40% less work on ML-1M."""
     k = config.negs_per_pos
     output_table = model.output_item_embeddings
     lengths = (batch != model.padding_id).sum(1)
@@ -50,7 +52,8 @@ def training_loss(model: GSASRec, batch: torch.Tensor, config: GSASRecExperiment
     negatives = torch.randint(1, model.num_items + 1, shape, generator=generator,
                               device=generator.device).to(batch.device)
     positive_scores, negative_scores = [], []
-    for group in torch.argsort(lengths).split(LENGTH_GROUP_SIZE):
+    group_size = CPU_LENGTH_GROUP_SIZE if batch.device.type == "cpu" else len(batch)
+    for group in torch.argsort(lengths).split(group_size):
         rows = batch[group, -max(int(lengths[group].max()), 2):]
         input, labels = rows[:, :-1], rows[:, 1:]
         is_target = input != model.padding_id
@@ -72,6 +75,16 @@ def training_batch(dataset: DatasetSplit, rows: np.ndarray, sequence_length: int
     """The last sequence_length + 1 items of each chosen user, cut to the longest one in the batch."""
     width = min(int(dataset.train.lengths[rows].max()), sequence_length + 1)
     return torch.from_numpy(dataset.train.windows(rows, width, dataset.padding_id).astype(np.int64))
+
+
+def learning_rate_factor(config: GSASRecExperimentConfig, step: int) -> float:
+    """The multiplier of the learning rate at a step: linear warm-up, then constant or a cosine decay to 0."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.lr_decay_steps:
+        progress = min(1.0, (step - config.warmup_steps) / config.lr_decay_steps)
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    return 1.0
 
 
 class TrainingObjective(nn.Module):
@@ -130,9 +143,7 @@ class Trainer:
         torch.manual_seed(config.seed + rank)
         self.generator = torch.Generator(device=device).manual_seed(config.seed + rank)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate)
-        warmup = config.warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(learning_rate_factor, config))
         objective = TrainingObjective(self.model, config, gbce_beta(config.negs_per_pos, dataset.num_items,
                                                                     config.gbce_t))
         self.objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda"

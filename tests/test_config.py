@@ -45,3 +45,13 @@ def test_ml1m_configs():
     assert (gsasrec.embedding_dim, gsasrec.num_heads, gsasrec.num_blocks, gsasrec.dropout_rate,
             gsasrec.negs_per_pos, gsasrec.gbce_t) == (128, 1, 2, 0.5, 256, 0.75)
     assert (sasrec.negs_per_pos, sasrec.gbce_t) == (1, 0.0)
+
+
+def test_learning_rate_schedule():
+    from train_gsasrec import learning_rate_factor
+    config = GSASRecExperimentConfig(warmup_steps=10, lr_decay_steps=100)
+    assert learning_rate_factor(config, 0) == pytest.approx(0.1)
+    assert learning_rate_factor(config, 9) == pytest.approx(1.0)
+    assert learning_rate_factor(config, 60) == pytest.approx(0.5)
+    assert learning_rate_factor(config, 110) == pytest.approx(0.0) == learning_rate_factor(config, 500)
+    assert learning_rate_factor(GSASRecExperimentConfig(), 12345) == 1.0
