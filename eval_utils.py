@@ -81,6 +81,7 @@ def ir_measures_metrics(recommended: np.ndarray, targets: np.ndarray, metrics: l
 
 def evaluate(model: GSASRec, inputs: Sequences, targets: np.ndarray, metrics: list[str], limit: int,
              filter_rated: bool = True, batch_size: int = 512) -> dict[str, float]:
+    """Full-catalogue top-`limit` lists for the inputs, scored against one target item each."""
     recommended, _ = recommend_batched(model, inputs, limit, filter_rated, batch_size)
     return ranking_metrics(recommended, targets, metrics)
 

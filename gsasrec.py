@@ -74,6 +74,9 @@ class SelfAttentionBlock(nn.Module):
 
 
 class GSASRec(nn.Module):
+    """SASRec's architecture; scores are dot products of the last hidden state with an output item table that
+    is separate from the input one unless reuse_item_embeddings (vanilla SASRec)."""
+
     def __init__(self, num_items: int, sequence_length: int = 200, embedding_dim: int = 256, num_heads: int = 4,
                  num_blocks: int = 3, dropout_rate: float = 0.0, reuse_item_embeddings: bool = False,
                  embedding_init_std: float | None = None, initial_score: float | None = None):

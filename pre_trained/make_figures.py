@@ -21,23 +21,24 @@ def named_paths(values: list[str]) -> dict[str, str]:
     return dict(value.split("=", 1) for value in values)
 
 
-def learning_curves(logs: dict[str, str], output: str, target: float | None) -> None:
-    """Validation and test nDCG@10 against training wall-clock hours, one colour per run."""
+def learning_curves(logs: dict[str, str], output: str, target: float | None, by_steps: bool = False) -> None:
+    """Validation and test nDCG@10 against training wall-clock hours (or steps), one colour per run."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     figure, axis = plt.subplots(figsize=(8, 5))
     for (name, path), colour in zip(logs.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
         records = [json.loads(line) for line in Path(path).read_text().splitlines()]
-        hours = np.array([record["time_s"] for record in records]) / 3600
-        axis.plot(hours, [record["val_nDCG@10"] for record in records], color=colour, alpha=0.45,
+        x = np.array([record["step"] if by_steps else record["time_s"] / 3600 for record in records])
+        axis.plot(x, [record["val_nDCG@10"] for record in records], color=colour, alpha=0.45,
                   label=f"{name}: validation")
         if "test_nDCG@10" in records[0]:
-            axis.plot(hours, [record["test_nDCG@10"] for record in records], color=colour,
+            axis.plot(x, [record["test_nDCG@10"] for record in records], color=colour,
                       label=f"{name}: test")
     if target:
         axis.axhline(target, color="black", linestyle="--", linewidth=1, label=f"paper's test nDCG@10 {target}")
-    axis.set(xlabel="training wall-clock (hours)", ylabel="nDCG@10", title="ML-1M learning curves")
+    axis.set(xlabel="training steps" if by_steps else "training wall-clock (hours)", ylabel="nDCG@10",
+             title="ML-1M learning curves")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()
@@ -65,11 +66,12 @@ def main() -> None:
     parser.add_argument("--log", action="append", default=[], help="NAME=path/to/log.jsonl (learning curves)")
     parser.add_argument("--checkpoint", action="append", default=[], help="NAME=path/to/checkpoint.pt (calibration)")
     parser.add_argument("--target", type=float, default=0.1726, help="a horizontal line on the learning curves")
+    parser.add_argument("--steps", action="store_true", help="learning curves against steps, not wall-clock")
     parser.add_argument("--bins", type=int, default=10)
     parser.add_argument("--output", required=True, help="PNG file")
     args = parser.parse_args()
     if args.figure == "learning-curves":
-        learning_curves(named_paths(args.log), args.output, args.target)
+        learning_curves(named_paths(args.log), args.output, args.target, args.steps)
     else:
         calibration(named_paths(args.checkpoint), args.output, args.bins)
     print(f"Saved {args.output}")
