@@ -108,6 +108,12 @@ def calibration_report(top_probabilities: np.ndarray, top_is_hit: np.ndarray, nu
     }
 
 
+def top1_calibration(recommended: np.ndarray, scores: np.ndarray, targets: np.ndarray, num_bins: int = 10) -> dict:
+    """calibration_report of sigmoid(top-1 score) against whether the top-1 item is the target."""
+    probabilities = 1 / (1 + np.exp(-scores[:, 0].astype(np.float64)))
+    return calibration_report(probabilities, recommended[:, 0] == targets, num_bins)
+
+
 def plot_reliability_diagrams(reports: dict[str, dict], path: str) -> None:
     """Reliability diagrams side by side (one per named calibration report), saved as a PNG."""
     import matplotlib

@@ -7,10 +7,8 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 from dataset_utils import ensure_dataset, load_dataset
-from eval_utils import calibration_report, plot_reliability_diagrams, ranking_metrics, recommend_batched
+from eval_utils import plot_reliability_diagrams, ranking_metrics, recommend_batched, top1_calibration
 from utils import load_config, model_from_checkpoint, read_checkpoint, resolve_device, run_cli
 
 
@@ -62,8 +60,7 @@ def main() -> None:
     result = {"checkpoint": str(checkpoint_path), "dataset": dataset_name, "split": args.split,
               "users": len(targets), "metrics": metrics}
     if args.calibration:
-        probabilities = 1 / (1 + np.exp(-scores[:, 0].astype(np.float64)))
-        result["calibration"] = calibration_report(probabilities, recommended[:, 0] == targets, args.bins)
+        result["calibration"] = top1_calibration(recommended, scores, targets, args.bins)
         print_calibration(result["calibration"])
         if args.plot:
             plot_reliability_diagrams({Path(checkpoint_path).name[:40]: result["calibration"]}, args.plot)

@@ -13,12 +13,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dataset_utils import ensure_dataset, load_dataset  # noqa: E402
-from eval_utils import calibration_report, plot_reliability_diagrams, ranking_metrics, recommend_batched  # noqa: E402
+from eval_utils import plot_reliability_diagrams, ranking_metrics, recommend_batched, top1_calibration  # noqa: E402
 from utils import load_model, run_cli  # noqa: E402
 
 
 def named_paths(values: list[str]) -> dict[str, str]:
-    return dict(value.split("=", 1) for value in values)
+    """NAME=PATH pairs; the last "=" separates them, so names like "t=0.75" work."""
+    return dict(value.rsplit("=", 1) for value in values)
 
 
 def learning_curves(logs: dict[str, str], output: str, target: float | None, by_steps: bool = False) -> None:
@@ -53,8 +54,7 @@ def calibration(checkpoints: dict[str, str], output: str, bins: int) -> None:
         dataset = load_dataset(ensure_dataset(config.dataset_name))
         items, scores = recommend_batched(model, dataset.test_input, config.recommendation_limit,
                                           config.filter_rated, config.eval_batch_size)
-        probabilities = 1 / (1 + np.exp(-scores[:, 0].astype(np.float64)))
-        reports[name] = calibration_report(probabilities, items[:, 0] == dataset.test_target, bins)
+        reports[name] = top1_calibration(items, scores, dataset.test_target, bins)
         reports[name]["nDCG@10"] = ranking_metrics(items, dataset.test_target, ["nDCG@10"])["nDCG@10"]
         print(json.dumps({"name": name, **{k: v for k, v in reports[name].items() if k != "bins"}}))
     plot_reliability_diagrams(reports, output)
