@@ -48,11 +48,7 @@ class Sequences:
         return np.where(is_item, self.items[np.where(is_item, positions, 0)], padding_id)
 
     def select(self, rows: np.ndarray) -> "Sequences":
-        lengths = self.lengths[rows]
-        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        gather = np.repeat(self.offsets[:-1][rows] - offsets[:-1], lengths) + np.arange(offsets[-1])
-        return Sequences(self.items[gather], offsets)
+        return self._take(self.offsets[:-1][rows], self.lengths[rows])
 
     def drop_last(self, count: int) -> "Sequences":
         """Each sequence without its last `count` items (empty if it is that short)."""
@@ -60,9 +56,13 @@ class Sequences:
         return self.select_prefixes(lengths)
 
     def select_prefixes(self, lengths: np.ndarray) -> "Sequences":
+        return self._take(self.offsets[:-1], lengths)
+
+    def _take(self, starts: np.ndarray, lengths: np.ndarray) -> "Sequences":
+        """New sequences of items[starts[i]:starts[i] + lengths[i]], in one vectorised gather."""
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        gather = np.repeat(self.offsets[:-1] - offsets[:-1], lengths) + np.arange(offsets[-1])
+        gather = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
         return Sequences(self.items[gather], offsets)
 
 
@@ -191,18 +191,19 @@ def download(url: str, path: Path) -> None:
 
 
 def parse_integers(text: bytes) -> np.ndarray | None:
-    """All whitespace-separated integers in text, or None if anything else is there."""
+    """The whitespace-separated integers in text, or None where numpy cannot read it to its end; callers
+    compare the count with the tokens they expect."""
     try:
-        values = np.fromstring(text, dtype=np.int64, sep=" ") if text.strip() else np.zeros(0, np.int64)
+        return np.fromstring(text, dtype=np.int64, sep=" ") if text.strip() else np.zeros(0, np.int64)
     except ValueError:
         return None
-    return values if values.size == len(text.split()) else None
 
 
 def read_interaction_pairs(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Reads '<user> <item>' lines into two int64 arrays."""
-    values = parse_integers(Path(path).read_bytes())
-    if values is None or values.size % 2:
+    text = Path(path).read_bytes()
+    values = parse_integers(text)
+    if values is None or values.size % 2 or values.size != len(text.split()):
         raise GSASRecError(f"{path}: expected lines of two integers '<user> <item>'")
     pairs = values.reshape(-1, 2)
     return pairs[:, 0], pairs[:, 1]

@@ -6,9 +6,11 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from config import GSASRecError, GSASRecExperimentConfig
+from dataset_utils import Sequences
 from gsasrec import GSASRec
 
 CHECKPOINT_FORMAT = "gsasrec-pytorch-checkpoint-1"
@@ -115,11 +117,10 @@ def recommend_batch(model: GSASRec, histories: list[list[int]], k: int = 10,
     all_items = [item for history in histories for item in history]
     if any(not 1 <= item <= model.num_items for item in all_items):
         raise GSASRecError(f"history item ids must lie in 1..{model.num_items}")
-    longest = max(max((len(history) for history in histories), default=1), 1)
-    padded = torch.full((len(histories), longest), model.padding_id, dtype=torch.int64)
-    for row, history in enumerate(histories):
-        if history:
-            padded[row, longest - len(history):] = torch.as_tensor(history, dtype=torch.int64)
+    lengths = np.array([len(history) for history in histories], dtype=np.int64)
+    sequences = Sequences(np.array(all_items, dtype=np.int64), np.concatenate([[0], np.cumsum(lengths)]))
+    longest = max(int(lengths.max(initial=0)), 1)
+    padded = torch.from_numpy(sequences.windows(np.arange(len(histories)), longest, model.padding_id))
     was_training = model.training
     model.eval()
     items, scores = model.get_predictions(padded[:, -model.sequence_length:].to(device), min(k, model.num_items),
