@@ -395,6 +395,7 @@ def main() -> None:
     if world_size > 1:
         print(f"rank {rank}: stopped at epoch {state['epoch']} step {state['step']}, "
               f"weights {weights_digest(trainer.model)}", flush=True)
+        dist.barrier()  # no rank tears down the process group while another still uses it
         dist.destroy_process_group()
     if rank == 0:
         print(json.dumps({"best_checkpoint": state["best_checkpoint"],
