@@ -27,6 +27,13 @@ ML1M_HOW_TO_SUPPLY = (f"pass --source PATH, set {ML1M_SOURCE_ENV}=PATH, or place
 SPLIT_FILES = ("train/input.txt", "val/input.txt", "val/output.txt", "test/input.txt", "test/output.txt")
 
 
+def offsets_from_lengths(lengths: np.ndarray) -> np.ndarray:
+    """Start offsets of sequences laid end to end, plus the total: (len(lengths) + 1,) int64."""
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return offsets
+
+
 @dataclass
 class Sequences:
     """Variable-length item sequences stored flat: sequence i is items[offsets[i]:offsets[i + 1]]."""
@@ -60,8 +67,7 @@ class Sequences:
 
     def _take(self, starts: np.ndarray, lengths: np.ndarray) -> "Sequences":
         """New sequences of items[starts[i]:starts[i] + lengths[i]], in one vectorised gather."""
-        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
+        offsets = offsets_from_lengths(lengths)
         gather = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
         return Sequences(self.items[gather], offsets)
 
@@ -90,10 +96,8 @@ def sequences_from_pairs(users: np.ndarray, items: np.ndarray) -> tuple[np.ndarr
     event_rank = appearance_rank[inverse]
     order = np.argsort(event_rank, kind="stable")
     counts = np.bincount(event_rank, minlength=len(unique_users))
-    offsets = np.zeros(len(unique_users) + 1, dtype=np.int64)
-    np.cumsum(counts, out=offsets[1:])
     user_ids = unique_users[np.argsort(first_index, kind="stable")]
-    return user_ids, Sequences(items[order].astype(np.int32), offsets)
+    return user_ids, Sequences(items[order].astype(np.int32), offsets_from_lengths(counts))
 
 
 def validation_user_mask(user_ids: np.ndarray, num_users: int, num_val_users: int, seed: int) -> np.ndarray:
@@ -251,8 +255,7 @@ def read_sequences(path: Path, num_items: int) -> Sequences:
     newlines = np.flatnonzero(np.frombuffer(text, dtype=np.uint8) == ord("\n"))
     tokens_per_line = _tokens_per_line(text, newlines)
     values = parse_integers(text)
-    offsets = np.zeros(len(newlines) + 1, dtype=np.int64)
-    np.cumsum(tokens_per_line, out=offsets[1:])
+    offsets = offsets_from_lengths(tokens_per_line)
     if values is None or len(values) != offsets[-1]:
         raise GSASRecError(f"{path}: contains something other than space-separated integer item ids")
     _check_item_ids(path, values, offsets, num_items)

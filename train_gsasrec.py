@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
@@ -26,7 +27,8 @@ from config import GSASRecError, GSASRecExperimentConfig
 from dataset_utils import DatasetSplit, ensure_dataset, load_dataset
 from eval_utils import evaluate
 from gsasrec import GSASRec, gbce_beta, gbce_loss
-from utils import atomic_save, build_model, checkpoint_name, load_config, model_checkpoint, resolve_device, run_cli
+from utils import (atomic_save, build_model, checkpoint_name, has_native_bf16, load_config, model_checkpoint,
+                   resolve_device, run_cli)
 
 STATE_FILE = "train_state.pt"
 LOG_FILE = "log.jsonl"
@@ -36,6 +38,8 @@ BUDGET_FIELDS = {"max_epochs", "max_steps", "max_training_time", "early_stopping
 
 # On a CPU, sequences go through the model in groups of this many, each cut to its own longest sequence.
 CPU_LENGTH_GROUP_SIZE = 32
+# Per-position negatives up to this fraction of the catalogue are gathered rather than scored over the catalogue.
+SMALL_K_FRACTION = 0.01
 
 
 def training_loss(model: GSASRec, batch: torch.Tensor, config: GSASRecExperimentConfig, beta: float,
@@ -43,8 +47,10 @@ def training_loss(model: GSASRec, batch: torch.Tensor, config: GSASRecExperiment
     """gBCE over every non-padded position of a (batch, width) window: inputs batch[:, :-1], labels batch[:, 1:].
 
     On a CPU, rows go through the model in groups of similar length, each group cut to its longest row: the
-    same loss as one padded pass (sequences do not interact), with about 40% less work on ML-1M."""
+    same loss as one padded pass (sequences do not interact), with about 40% less work on ML-1M. Rows of the
+    output table are looked up with F.embedding, whose gradient on a CPU is far cheaper than indexing's."""
     k = config.negs_per_pos
+    bf16 = config.bf16 and has_native_bf16(batch.device)
     output_table = model.output_item_embeddings
     lengths = (batch != model.padding_id).sum(1)
     # Drawn up front for every row (and, per position, every column) so the draw does not depend on grouping.
@@ -57,17 +63,22 @@ def training_loss(model: GSASRec, batch: torch.Tensor, config: GSASRecExperiment
         rows = batch[group, -max(int(lengths[group].max()), 2):]
         input, labels = rows[:, :-1], rows[:, 1:]
         is_target = input != model.padding_id
-        with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=config.bf16):
+        with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=bf16):
             hidden = model(input).float()
         target_hidden = hidden[is_target]
-        positive_scores.append((target_hidden * output_table[labels[is_target]]).sum(-1))
+        positive_scores.append((target_hidden * F.embedding(labels[is_target], output_table)).sum(-1))
         if config.negative_sampling == "per_sequence":
-            group_negatives = output_table[negatives[group]].transpose(1, 2)
+            group_negatives = F.embedding(negatives[group], output_table).transpose(1, 2)
             negative_scores.append(torch.bmm(hidden, group_negatives)[is_target])
         else:
             group_negatives = negatives[group, -input.shape[1]:][is_target]
-            # Scoring the whole catalogue and gathering is far cheaper than gathering (n, k, E) embeddings.
-            negative_scores.append((target_hidden @ output_table.T).gather(1, group_negatives))
+            if k <= SMALL_K_FRACTION * model.num_items:
+                # A few negatives (SASRec's k = 1): gathering their (n, k, E) embeddings is the cheaper way.
+                scores = torch.bmm(F.embedding(group_negatives, output_table), target_hidden.unsqueeze(-1)).squeeze(-1)
+            else:
+                # Many negatives: scoring the whole catalogue and gathering is far cheaper than (n, k, E).
+                scores = (target_hidden @ output_table.T).gather(1, group_negatives)
+            negative_scores.append(scores)
     return gbce_loss(torch.cat(positive_scores), torch.cat(negative_scores), beta)
 
 
@@ -301,6 +312,9 @@ class Trainer:
                          f"best checkpoint: {state['best_checkpoint']}")
                 return state
             self.say(f"Resuming {self.run_dir} at step {state['step']} (epoch {state['epoch']})")
+        if config.bf16 and not has_native_bf16(self.device):
+            self.say(f"Note: the config asks for bf16, but this {self.device.type} has no native bf16 "
+                     "(it would be emulated, about 10x slower): training in float32")
         stop_request = StopRequest(announce=self.rank == 0)
         self.model.train()
         self.clock = time.perf_counter()
@@ -400,7 +414,11 @@ def main() -> None:
     if rank == 0:
         print(json.dumps({"best_checkpoint": state["best_checkpoint"],
                           f"best_val_{config.val_metric}": state["best_metric"], "steps": state["step"],
-                          "stopped": state["stopped"], "world_size": world_size}))
+                          "stopped": state["stopped"], "world_size": world_size}), flush=True)
+    if world_size > 1:
+        # Everything is saved and printed; a normal interpreter exit can still abort in gloo's background
+        # threads ("terminate called without an active exception"), so a distributed rank leaves at once.
+        os._exit(0)
 
 
 if __name__ == "__main__":

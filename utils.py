@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from config import GSASRecError, GSASRecExperimentConfig
-from dataset_utils import Sequences
+from dataset_utils import Sequences, offsets_from_lengths
 from gsasrec import GSASRec
 
 CHECKPOINT_FORMAT = "gsasrec-pytorch-checkpoint-1"
@@ -48,6 +48,18 @@ def resolve_device(name: str | None = None) -> torch.device:
             raise GSASRecError(f"device {name!r} requested but CUDA is not available")
         return torch.device(name)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matrix products run natively: CUDA GPUs that support bf16, CPUs with AVX512-BF16 or AMX.
+
+    Elsewhere (AVX2-only CPUs, most laptops) PyTorch emulates bf16 and a training step is about 10x slower."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return any(getattr(torch.cpu, check, lambda: False)()
+                   for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return False
 
 
 def checkpoint_name(config: GSASRecExperimentConfig, step: int, metric_value: float) -> str:
@@ -118,7 +130,7 @@ def recommend_batch(model: GSASRec, histories: list[list[int]], k: int = 10,
     if any(not 1 <= item <= model.num_items for item in all_items):
         raise GSASRecError(f"history item ids must lie in 1..{model.num_items}")
     lengths = np.array([len(history) for history in histories], dtype=np.int64)
-    sequences = Sequences(np.array(all_items, dtype=np.int64), np.concatenate([[0], np.cumsum(lengths)]))
+    sequences = Sequences(np.array(all_items, dtype=np.int64), offsets_from_lengths(lengths))
     longest = max(int(lengths.max(initial=0)), 1)
     padded = torch.from_numpy(sequences.windows(np.arange(len(histories)), longest, model.padding_id))
     was_training = model.training

@@ -11,14 +11,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from config import GSASRecError  # noqa: E402
-from dataset_utils import DatasetSplit, Sequences, ensure_dataset, load_dataset, split_sequences, validation_user_mask  # noqa: E402
+from dataset_utils import DatasetSplit, Sequences, ensure_dataset, offsets_from_lengths, load_dataset, split_sequences, validation_user_mask  # noqa: E402
 
 
 def synthetic_ml1m_shaped(seed: int = 0) -> DatasetSplit:
     """6040 users, 3416 items, sequence lengths drawn like ML-1M's (heavy-tailed, mean about 165)."""
     rng = np.random.RandomState(seed)
     lengths = np.clip(rng.lognormal(4.6, 0.95, 6040).astype(np.int64), 20, 2300)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    offsets = offsets_from_lengths(lengths)
     sequences = Sequences(rng.randint(1, 3417, offsets[-1]).astype(np.int32), offsets)
     split = split_sequences(sequences, validation_user_mask(np.arange(1, 6041), 6040, 512, 42))
     return DatasetSplit(split["train/input.txt"], split["val/input.txt"], split["val/output.txt"],

@@ -9,7 +9,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dataset_utils import Sequences, split_sequences, validation_user_mask, write_split  # noqa: E402
+from dataset_utils import Sequences, offsets_from_lengths, split_sequences, validation_user_mask, write_split  # noqa: E402
 
 
 def ml1m_source() -> str | None:
@@ -30,7 +30,7 @@ def successor_sequences(num_users: int, num_items: int, min_length: int, max_len
     rng = np.random.RandomState(seed)
     lengths = rng.randint(min_length, max_length + 1, num_users)
     starts = rng.randint(1, num_items + 1, num_users)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    offsets = offsets_from_lengths(lengths)
     position = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)
     items = (np.repeat(starts - 1, lengths) + position) % num_items + 1
     return Sequences(items.astype(np.int32), offsets)

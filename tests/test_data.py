@@ -3,7 +3,7 @@ import pytest
 
 from config import GSASRecError
 from dataset_utils import (ML1M_SHA256, SPLIT_FILES, Sequences, find_ml1m_source, load_dataset, prepare_ml1m,
-                           read_sequences, sequences_from_pairs, sha256_of, split_sequences)
+                           offsets_from_lengths, read_sequences, sequences_from_pairs, sha256_of, split_sequences)
 from tests.conftest import write_synthetic_dataset
 
 EXPECTED_SPLIT_SHA256 = {
@@ -59,7 +59,7 @@ def test_leave_one_out_split_by_hand():
 def test_windows_are_the_left_padded_tails():
     rng = np.random.RandomState(0)
     lengths = rng.randint(0, 12, 30)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    offsets = offsets_from_lengths(lengths)
     sequences = Sequences(rng.randint(1, 50, offsets[-1]).astype(np.int32), offsets)
     rows = rng.permutation(30)[:17]
     windows = sequences.windows(rows, 8, padding_id=51)

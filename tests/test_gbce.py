@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -5,6 +7,7 @@ import torch.nn.functional as F
 
 from config import GSASRecExperimentConfig
 from gsasrec import GSASRec, gamma_transform, gbce_alpha, gbce_beta, gbce_loss
+import train_gsasrec
 from train_gsasrec import training_loss
 
 
@@ -55,9 +58,11 @@ def test_extreme_scores_stay_finite():
 
 
 @pytest.mark.parametrize("negative_sampling", ["per_position", "per_sequence"])
-def test_fast_training_loss_equals_the_papers_way(negative_sampling):
-    """Same sampled negatives: gathered per-position embeddings and the explicit formula, one padded pass."""
-    num_items, k = 60, 7
+@pytest.mark.parametrize("k", [1, 7, 40])
+def test_fast_training_loss_equals_the_papers_way(negative_sampling, k):
+    """Same sampled negatives: gathered per-position embeddings and the explicit formula, one padded pass.
+    Over 200 items, k = 1 takes the gathering path of per-position sampling and k = 7, 40 the catalogue one."""
+    num_items = 200
     config = GSASRecExperimentConfig(sequence_length=12, embedding_dim=16, num_heads=2, num_blocks=2,
                                      negs_per_pos=k, gbce_t=0.5, negative_sampling=negative_sampling)
     torch.manual_seed(0)
@@ -83,3 +88,17 @@ def test_fast_training_loss_equals_the_papers_way(negative_sampling):
     is_target = input != num_items + 1
     reference = explicit_gbce(positive[is_target], negative[is_target], beta)
     assert fast.item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_bf16_autocast_only_where_the_hardware_has_it(monkeypatch, native_bf16):
+    """bf16=True autocasts where bf16 is native; where it would be emulated (10x slower) the loss is float32's."""
+    monkeypatch.setattr(train_gsasrec, "has_native_bf16", lambda device: native_bf16)
+    config = GSASRecExperimentConfig(sequence_length=12, embedding_dim=16, num_heads=2, num_blocks=2, negs_per_pos=4)
+    torch.manual_seed(0)
+    model = GSASRec(50, 12, 16, 2, 2, embedding_init_std=0.3).eval()
+    batch = torch.randint(1, 51, (8, 13))
+    beta = gbce_beta(4, 50, config.gbce_t)
+    losses = [training_loss(model, batch, replace(config, bf16=bf16), beta, torch.Generator().manual_seed(1)).item()
+              for bf16 in (False, True)]
+    assert (losses[0] != losses[1]) == native_bf16

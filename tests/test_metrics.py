@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from dataset_utils import Sequences
+from dataset_utils import Sequences, offsets_from_lengths
 from eval_utils import ir_measures_metrics, ranking_metrics, recommend_batched
 from gsasrec import GSASRec
 
@@ -25,7 +25,7 @@ def test_batched_recommendations_equal_one_padded_pass():
     model = GSASRec(30, 8, embedding_dim=16, num_heads=1, num_blocks=2, embedding_init_std=0.5).eval()
     rng = np.random.RandomState(0)
     lengths = rng.randint(1, 15, 40)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    offsets = offsets_from_lengths(lengths)
     inputs = Sequences(rng.randint(1, 31, offsets[-1]).astype(np.int32), offsets)
     items, scores = recommend_batched(model, inputs, limit=5, filter_rated=True, batch_size=7)
     rows = np.arange(40)
