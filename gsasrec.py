@@ -53,24 +53,47 @@ class SelfAttentionBlock(nn.Module):
         batch, length, dim = x.shape
         return x.view(batch, length, self.num_heads, dim // self.num_heads).transpose(1, 2)
 
-    def forward(self, seq: torch.Tensor, attention_bias: torch.Tensor, is_item: torch.Tensor,
+    def forward(self, seq: torch.Tensor, attention_bias: torch.Tensor | None, is_item: torch.Tensor,
                 last_position_only: bool = False) -> torch.Tensor:
-        """attention_bias: (batch, 1, L, L), 0 where a query may attend to a key and -inf elsewhere.
+        """attention_bias: (batch, 1, L, L), 0 where a query may attend to a key and -inf elsewhere; None for
+        plain causal attention (no padding), which lets the fused kernel skip the masked half.
         With last_position_only, only the last position's output is computed (keys still span the sequence)."""
         normed = self.attention_norm(seq[:, -1:] if last_position_only else seq)
         if last_position_only:
-            attention_bias, is_item = attention_bias[:, :, -1:], is_item[:, -1:]
+            last_bias = None if attention_bias is None else attention_bias[:, 0, -1:]
+            attended = self.last_query_attention(self.query(normed), seq, last_bias)
+            return self.feed_forward_output(normed + attended) * is_item[:, -1:]
         query = self.split_heads(self.query(normed))
         key, value = self.split_heads(self.key(seq)), self.split_heads(self.value(seq))
         if self.training and self.attention_dropout.rate > 0:
             logits = (query @ key.transpose(-1, -2)) * query.shape[-1] ** -0.5
             attended = self.attention_dropout((logits + attention_bias).softmax(-1)) @ value
         else:
-            attended = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_bias)
-        x = normed + attended.transpose(1, 2).reshape(normed.shape)
+            attended = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_bias,
+                                                      is_causal=attention_bias is None)
+        return self.feed_forward_output(normed + attended.transpose(1, 2).reshape(normed.shape)) * is_item
+
+    def feed_forward_output(self, x: torch.Tensor) -> torch.Tensor:
         x = self.feed_forward_norm(x)
-        x = x + self.feed_forward(x)
-        return x * is_item
+        return x + self.feed_forward(x)
+
+    def last_query_attention(self, query: torch.Tensor, seq: torch.Tensor, attention_bias: torch.Tensor | None
+                             ) -> torch.Tensor:
+        """Attention of one query per sequence, (batch, 1, E), without projecting every position's key and value.
+
+        Per head, q . (W_k x + b_k) = (W_k^T q) . x + q . b_k, whose last term is the same for every key and
+        cancels in the softmax; and sum_j p_j (W_v x_j + b_v) = W_v (sum_j p_j x_j) + b_v since the weights sum
+        to 1. So the key and value layers act on one vector per head instead of on every position."""
+        heads, head_dim = self.num_heads, query.shape[-1] // self.num_heads
+        key_weight = self.key.weight.view(heads, head_dim, -1)
+        value_weight = self.value.weight.view(heads, head_dim, -1)
+        folded_query = torch.einsum("bhd,hde->bhe", query.view(len(query), heads, head_dim), key_weight)
+        logits = (folded_query @ seq.transpose(1, 2)) * head_dim ** -0.5
+        if attention_bias is not None:
+            logits = logits + attention_bias
+        context = logits.softmax(-1) @ seq
+        attended = torch.einsum("bhe,hde->bhd", context, value_weight).reshape(len(query), 1, -1)
+        return attended + self.value.bias
 
 
 class GSASRec(nn.Module):
@@ -132,11 +155,14 @@ class GSASRec(nn.Module):
         positions = torch.arange(self.sequence_length - length, self.sequence_length, device=input.device)
         seq = self.item_embedding(input) + self.position_embedding(positions)
         seq = self.embedding_dropout(seq) * is_item
-        causal = torch.ones(length, length, dtype=torch.bool, device=input.device).tril()
-        # Keys are real items; each position also sees itself so rows of padding never become all-masked.
-        allowed = causal & (is_item.transpose(1, 2) | torch.eye(length, dtype=torch.bool, device=input.device))
-        attention_bias = torch.zeros(allowed.shape, dtype=seq.dtype, device=input.device).masked_fill_(
-            ~allowed, float("-inf")).unsqueeze(1)
+        attention_bias = None
+        # Without padding and without attention dropout, plain causal attention needs no explicit mask.
+        if (self.training and self.embedding_dropout.rate > 0) or not bool(is_item.all()):
+            causal = torch.ones(length, length, dtype=torch.bool, device=input.device).tril()
+            # Keys are real items; each position also sees itself so rows of padding never become all-masked.
+            allowed = causal & (is_item.transpose(1, 2) | torch.eye(length, dtype=torch.bool, device=input.device))
+            attention_bias = torch.zeros(allowed.shape, dtype=seq.dtype, device=input.device).masked_fill_(
+                ~allowed, float("-inf")).unsqueeze(1)
         for index, block in enumerate(self.blocks):
             seq = block(seq, attention_bias, is_item, last_position_only and index == len(self.blocks) - 1)
         return self.final_norm(seq)

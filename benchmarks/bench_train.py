@@ -8,14 +8,14 @@ import torch
 from common import benchmark_dataset, report
 from gsasrec import gbce_beta
 from train_gsasrec import training_batch, training_loss
-from utils import build_model, load_config, resolve_device
+from utils import build_model, has_native_bf16, load_config, resolve_device
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default="config_ml1m.py")
     parser.add_argument("--negative-sampling", choices=["per_sequence", "per_position"], help="override the config")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (where the hardware has native bf16)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--device")
@@ -48,7 +48,7 @@ def main() -> None:
             seconds.append(time.perf_counter() - started)
     extra = {"peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)} if device.type == "cuda" else {}
     report(benchmark="train_step", dataset=dataset_name, config=args.config, negative_sampling=config.negative_sampling,
-           bf16=config.bf16, batch_size=config.train_batch_size, negs_per_pos=config.negs_per_pos,
+           bf16=config.bf16 and has_native_bf16(device), batch_size=config.train_batch_size, negs_per_pos=config.negs_per_pos,
            median_s=round(float(np.median(seconds)), 4), min_s=round(min(seconds), 4), steps=args.steps,
            device=str(device), **extra)
 

@@ -90,3 +90,26 @@ def test_scores_can_start_at_a_prior():
     plain = small_model()
     plain_scores = plain(input)[:, -1] @ plain.output_item_embeddings[1:NUM_ITEMS + 1].T
     assert abs(plain_scores.mean().item()) < 1.0
+
+
+def test_last_position_only_equals_the_full_forward():
+    """The last block's shortcut (key and value layers folded into the single query) changes no output."""
+    model = small_model()
+    with torch.no_grad():
+        model.blocks[-1].key.bias.normal_()
+        model.blocks[-1].value.bias.normal_()
+    input = torch.randint(1, NUM_ITEMS + 1, (12, LENGTH))
+    for row in range(12):
+        input[row, :row % LENGTH] = PAD
+    full = model(input)[:, -1:]
+    torch.testing.assert_close(model(input, last_position_only=True), full, rtol=1e-5, atol=1e-5)
+
+
+def test_unpadded_inputs_take_the_causal_kernel_with_the_same_outputs():
+    """Without padding, attention runs as plain causal attention; one column of padding forces the explicit mask."""
+    model = small_model()
+    input = torch.randint(1, NUM_ITEMS + 1, (6, LENGTH - 1))
+    padded = torch.cat([torch.full((6, 1), PAD), input], dim=1)
+    torch.testing.assert_close(model(input), model(padded)[:, 1:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(input, last_position_only=True), model(padded, last_position_only=True),
+                               rtol=1e-5, atol=1e-5)
