@@ -22,8 +22,9 @@ def named_paths(values: list[str]) -> dict[str, str]:
     return dict(value.rsplit("=", 1) for value in values)
 
 
-def learning_curves(logs: dict[str, str], output: str, target: float | None, by_steps: bool = False) -> None:
-    """Validation and test nDCG@10 against training wall-clock hours (or steps), one colour per run."""
+def learning_curves(logs: dict[str, str], output: str, target: float | None, by_steps: bool = False):
+    """Validation and test nDCG@10 against training wall-clock hours (or steps), one colour per run. Test
+    metrics are drawn where the log has them (a run may have been resumed without --log-test-metrics)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -33,9 +34,10 @@ def learning_curves(logs: dict[str, str], output: str, target: float | None, by_
         x = np.array([record["step"] if by_steps else record["time_s"] / 3600 for record in records])
         axis.plot(x, [record["val_nDCG@10"] for record in records], color=colour, alpha=0.45,
                   label=f"{name}: validation")
-        if "test_nDCG@10" in records[0]:
-            axis.plot(x, [record["test_nDCG@10"] for record in records], color=colour,
-                      label=f"{name}: test")
+        tested = np.array(["test_nDCG@10" in record for record in records])
+        if tested.any():
+            axis.plot(x[tested], [record["test_nDCG@10"] for record in records if "test_nDCG@10" in record],
+                      color=colour, label=f"{name}: test")
     if target:
         axis.axhline(target, color="black", linestyle="--", linewidth=1, label=f"paper's test nDCG@10 {target}")
     axis.set(xlabel="training steps" if by_steps else "training wall-clock (hours)", ylabel="nDCG@10",
@@ -44,6 +46,7 @@ def learning_curves(logs: dict[str, str], output: str, target: float | None, by_
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(output, dpi=120)
+    return figure
 
 
 def calibration(checkpoints: dict[str, str], output: str, bins: int) -> None:

@@ -1,0 +1,32 @@
+"""The learning-curve figure of pre_trained/make_figures.py, on logs written as train_gsasrec.py writes them."""
+import json
+import sys
+
+from tests.conftest import REPO
+
+sys.path.insert(0, str(REPO / "pre_trained"))
+from make_figures import learning_curves  # noqa: E402
+
+
+def write_log(path, steps, tested_steps):
+    with open(path, "w") as log:
+        for step in steps:
+            record = {"step": step, "epoch": step // 10, "time_s": step * 2.0, "train_loss": 0.1,
+                      "val_nDCG@10": step / 1000}
+            if step in tested_steps:
+                record["test_nDCG@10"] = step / 900
+            log.write(json.dumps(record) + "\n")
+
+
+def test_test_metrics_are_drawn_where_the_log_has_them(tmp_path):
+    """One run logged test metrics throughout; another only until it was resumed without them."""
+    write_log(tmp_path / "full.jsonl", range(10, 60, 10), range(10, 60, 10))
+    write_log(tmp_path / "partial.jsonl", range(10, 60, 10), [10, 20])
+    output = tmp_path / "curves.png"
+    figure = learning_curves({"full": str(tmp_path / "full.jsonl"), "partial": str(tmp_path / "partial.jsonl")},
+                             str(output), target=0.05, by_steps=True)
+    lines = {line.get_label(): list(line.get_xdata()) for line in figure.axes[0].get_lines()}
+    assert lines["full: test"] == [10, 20, 30, 40, 50]
+    assert lines["partial: test"] == [10, 20]
+    assert lines["partial: validation"] == [10, 20, 30, 40, 50]
+    assert output.stat().st_size > 0
