@@ -334,7 +334,9 @@ class Trainer:
                         state["stopped"] = reason
                         self.save_state()
                         bar.close()
-                        self.say(f"Stopped ({reason}) at step {state['step']}; rerun the same command to continue.")
+                        how = ("rerun the same command" if reason == "interrupted" else
+                               f"raise {reason} in the config and rerun the same command")
+                        self.say(f"Stopped ({reason}) at step {state['step']}; {how} to continue.")
                         return state
                     start = state["batch_in_epoch"] * config.train_batch_size
                     loss = self.train_step(shard[start:start + config.train_batch_size])

@@ -31,10 +31,11 @@ def write_config(path, **overrides):
     return path
 
 
-def test_training_learns_the_rule_and_the_checkpoint_reloads(synthetic_datasets_dir, tmp_path):
+def test_training_learns_the_rule_and_the_checkpoint_reloads(synthetic_datasets_dir, tmp_path, capsys):
     dataset = load_dataset(dataset_directory("successor"))
     state = train(tiny_config(max_steps=300), dataset, tmp_path / "run", torch.device("cpu"), progress=False)
     assert state["step"] == 300 and state["stopped"] == "max_steps"
+    assert "Stopped (max_steps) at step 300; raise max_steps in the config and rerun" in capsys.readouterr().out
     model, config = load_model(state["best_checkpoint"], device="cpu")
     test = evaluate(model, dataset.test_input, dataset.test_target, config.metrics, 10)
     assert test["nDCG@10"] > 0.9
