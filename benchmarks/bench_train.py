@@ -48,7 +48,8 @@ def main() -> None:
             seconds.append(time.perf_counter() - started)
     extra = {"peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)} if device.type == "cuda" else {}
     report(benchmark="train_step", dataset=dataset_name, config=args.config, negative_sampling=config.negative_sampling,
-           bf16=config.bf16 and has_native_bf16(device), batch_size=config.train_batch_size, negs_per_pos=config.negs_per_pos,
+           bf16=config.bf16 and has_native_bf16(device), batch_size=config.train_batch_size,
+           negs_per_pos=config.negs_per_pos,
            median_s=round(float(np.median(seconds)), 4), min_s=round(min(seconds), 4), steps=args.steps,
            device=str(device), **extra)
 

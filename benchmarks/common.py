@@ -11,7 +11,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from config import GSASRecError  # noqa: E402
-from dataset_utils import DatasetSplit, Sequences, ensure_dataset, offsets_from_lengths, load_dataset, split_sequences, validation_user_mask  # noqa: E402
+from dataset_utils import (DatasetSplit, Sequences, ensure_dataset, load_dataset, offsets_from_lengths,  # noqa: E402
+                           split_sequences, validation_user_mask)
 
 
 def synthetic_ml1m_shaped(seed: int = 0) -> DatasetSplit:

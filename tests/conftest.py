@@ -9,7 +9,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dataset_utils import Sequences, offsets_from_lengths, split_sequences, validation_user_mask, write_split  # noqa: E402
+from dataset_utils import (Sequences, offsets_from_lengths, split_sequences, validation_user_mask,  # noqa: E402
+                           write_split)
 
 
 def ml1m_source() -> str | None:
