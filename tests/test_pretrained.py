@@ -21,6 +21,7 @@ def test_every_committed_checkpoint_has_recorded_metrics():
     assert committed == set(RECORDED)
     assert any("-t:0.75-negs:256-" in name for name in committed)
     assert any("-t:0.0-negs:1-" in name for name in committed)
+    assert any("-t:1.0-negs:256-" in name for name in committed)
 
 
 @pytest.mark.parametrize("name", sorted(RECORDED), ids=lambda name: name.split("/")[0])
