@@ -1,5 +1,6 @@
 """Config files, model building, devices and self-describing checkpoints."""
 import dataclasses
+import functools
 import importlib.util
 import math
 import os
@@ -50,10 +51,12 @@ def resolve_device(name: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@functools.cache
 def has_native_bf16(device: torch.device) -> bool:
     """Whether bf16 matrix products run natively: CUDA GPUs that support bf16, CPUs with AVX512-BF16 or AMX.
 
-    Elsewhere (AVX2-only CPUs, most laptops) PyTorch emulates bf16 and a training step is about 10x slower."""
+    Elsewhere (AVX2-only CPUs, most laptops) PyTorch emulates bf16 and a training step is about 10x slower.
+    Cached: the training loss asks on every step."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":

@@ -34,10 +34,10 @@ def learning_curves(logs: dict[str, str], output: str, target: float | None, by_
         x = np.array([record["step"] if by_steps else record["time_s"] / 3600 for record in records])
         axis.plot(x, [record["val_nDCG@10"] for record in records], color=colour, alpha=0.45,
                   label=f"{name}: validation")
-        tested = np.array(["test_nDCG@10" in record for record in records])
-        if tested.any():
-            axis.plot(x[tested], [record["test_nDCG@10"] for record in records if "test_nDCG@10" in record],
-                      color=colour, label=f"{name}: test")
+        tested = [index for index, record in enumerate(records) if "test_nDCG@10" in record]
+        if tested:
+            axis.plot(x[tested], [records[index]["test_nDCG@10"] for index in tested], color=colour,
+                      label=f"{name}: test")
     if target:
         axis.axhline(target, color="black", linestyle="--", linewidth=1, label=f"paper's test nDCG@10 {target}")
     axis.set(xlabel="training steps" if by_steps else "training wall-clock (hours)", ylabel="nDCG@10",
