@@ -57,27 +57,33 @@ def test_extreme_scores_stay_finite():
     assert gamma.detach().double() == pytest.approx(gamma_transform(scores.detach().double(), beta), rel=1e-4)
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("negative_sampling", ["per_position", "per_sequence"])
 @pytest.mark.parametrize("k", [1, 7, 40])
-def test_fast_training_loss_equals_the_papers_way(negative_sampling, k):
+def test_fast_training_loss_equals_the_papers_way(negative_sampling, k, device):
     """Same sampled negatives: gathered per-position embeddings and the explicit formula, one padded pass.
-    Over 200 items, k = 1 takes the gathering path of per-position sampling and k = 7, 40 the catalogue one."""
+    Over 200 items, k = 1 takes the gathering path of per-position sampling and k = 7, 40 the catalogue one.
+    On a GPU the whole batch goes through in one group, on a CPU in length groups."""
     num_items = 200
     config = GSASRecExperimentConfig(sequence_length=12, embedding_dim=16, num_heads=2, num_blocks=2,
                                      negs_per_pos=k, gbce_t=0.5, negative_sampling=negative_sampling)
     torch.manual_seed(0)
-    model = GSASRec(num_items, 12, 16, 2, 2, embedding_init_std=0.3).eval()
+    model = GSASRec(num_items, 12, 16, 2, 2, embedding_init_std=0.3).eval().to(device)
     rng = np.random.RandomState(0)
     lengths = rng.randint(2, 14, 70)
     batch = torch.full((70, 13), num_items + 1)
     for row, length in enumerate(lengths):
         batch[row, 13 - length:] = torch.from_numpy(rng.randint(1, num_items + 1, length))
+    batch = batch.to(device)
     beta = gbce_beta(k, num_items, 0.5)
-    fast = training_loss(model, batch, config, beta, torch.Generator().manual_seed(5))
+    fast = training_loss(model, batch, config, beta, torch.Generator(device).manual_seed(5))
 
-    generator = torch.Generator().manual_seed(5)
+    generator = torch.Generator(device).manual_seed(5)
     shape = (70, k) if negative_sampling == "per_sequence" else (70, 12, k)
-    negatives = torch.randint(1, num_items + 1, shape, generator=generator)
+    negatives = torch.randint(1, num_items + 1, shape, generator=generator, device=device)
     if negative_sampling == "per_sequence":
         negatives = negatives[:, None, :].expand(70, 12, k)
     input, labels = batch[:, :-1], batch[:, 1:]
