@@ -66,8 +66,13 @@ class SelfAttentionBlock(nn.Module):
         query = self.split_heads(self.query(normed))
         key, value = self.split_heads(self.key(seq)), self.split_heads(self.value(seq))
         if self.training and self.attention_dropout.rate > 0:
-            logits = (query @ key.transpose(-1, -2)) * query.shape[-1] ** -0.5
-            attended = self.attention_dropout((logits + attention_bias).softmax(-1)) @ value
+            # One baddbmm scales the logits and adds the mask: two fewer passes over (batch, heads, L, L).
+            batch, heads, length, head_dim = query.shape
+            bias = attention_bias.expand(batch, heads, length, length).reshape(batch * heads, length, length)
+            logits = torch.baddbmm(bias, query.reshape(-1, length, head_dim),
+                                   key.reshape(-1, length, head_dim).transpose(1, 2), alpha=head_dim ** -0.5)
+            attended = (self.attention_dropout(logits.softmax(-1)) @ value.reshape(-1, length, head_dim)
+                        ).view(batch, heads, length, head_dim)
         else:
             attended = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_bias,
                                                       is_causal=attention_bias is None)

@@ -22,9 +22,11 @@ def named_paths(values: list[str]) -> dict[str, str]:
     return dict(value.rsplit("=", 1) for value in values)
 
 
-def learning_curves(logs: dict[str, str], output: str, target: float | None, by_steps: bool = False):
+def learning_curves(logs: dict[str, str], output: str, target: float | None, by_steps: bool = False,
+                    test_only: bool = False):
     """Validation and test nDCG@10 against training wall-clock hours (or steps), one colour per run. Test
-    metrics are drawn where the log has them (a run may have been resumed without --log-test-metrics)."""
+    metrics are drawn where the log has them (a run may have been resumed without --log-test-metrics).
+    test_only leaves out the validation curves (512 users, noisy), for figures comparing many runs."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -32,8 +34,9 @@ def learning_curves(logs: dict[str, str], output: str, target: float | None, by_
     for (name, path), colour in zip(logs.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
         records = [json.loads(line) for line in Path(path).read_text().splitlines()]
         x = np.array([record["step"] if by_steps else record["time_s"] / 3600 for record in records])
-        axis.plot(x, [record["val_nDCG@10"] for record in records], color=colour, alpha=0.45,
-                  label=f"{name}: validation")
+        if not test_only:
+            axis.plot(x, [record["val_nDCG@10"] for record in records], color=colour, alpha=0.45,
+                      label=f"{name}: validation")
         tested = [index for index, record in enumerate(records) if "test_nDCG@10" in record]
         if tested:
             axis.plot(x[tested], [records[index]["test_nDCG@10"] for index in tested], color=colour,
@@ -70,11 +73,12 @@ def main() -> None:
     parser.add_argument("--checkpoint", action="append", default=[], help="NAME=path/to/checkpoint.pt (calibration)")
     parser.add_argument("--target", type=float, default=0.1726, help="a horizontal line on the learning curves")
     parser.add_argument("--steps", action="store_true", help="learning curves against steps, not wall-clock")
+    parser.add_argument("--test-only", action="store_true", help="learning curves of test nDCG@10 alone")
     parser.add_argument("--bins", type=int, default=10)
     parser.add_argument("--output", required=True, help="PNG file")
     args = parser.parse_args()
     if args.figure == "learning-curves":
-        learning_curves(named_paths(args.log), args.output, args.target, args.steps)
+        learning_curves(named_paths(args.log), args.output, args.target, args.steps, args.test_only)
     else:
         calibration(named_paths(args.checkpoint), args.output, args.bins)
     print(f"Saved {args.output}")

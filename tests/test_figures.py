@@ -30,3 +30,10 @@ def test_test_metrics_are_drawn_where_the_log_has_them(tmp_path):
     assert lines["partial: test"] == [10, 20]
     assert lines["partial: validation"] == [10, 20, 30, 40, 50]
     assert output.stat().st_size > 0
+
+
+def test_test_only_curves_leave_out_validation(tmp_path):
+    write_log(tmp_path / "run.jsonl", range(10, 60, 10), range(10, 60, 10))
+    figure = learning_curves({"run": str(tmp_path / "run.jsonl")}, str(tmp_path / "curves.png"), target=None,
+                             by_steps=True, test_only=True)
+    assert [line.get_label() for line in figure.axes[0].get_lines()] == ["run: test"]

@@ -113,3 +113,26 @@ def test_unpadded_inputs_take_the_causal_kernel_with_the_same_outputs():
     torch.testing.assert_close(model(input), model(padded)[:, 1:], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(model(input, last_position_only=True), model(padded, last_position_only=True),
                                rtol=1e-5, atol=1e-5)
+
+
+class NoDropout(torch.nn.Module):
+    """Stands in for a Dropout of nonzero rate that keeps everything, so training and eval paths can be compared."""
+
+    rate = 0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_training_attention_with_dropout_equals_the_eval_kernel():
+    """The training path (explicit softmax, for attention dropout) computes the same attention as SDPA."""
+    model = small_model(dropout_rate=0.5)
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, Dropout):
+                setattr(module, name, NoDropout())
+    input = torch.randint(1, NUM_ITEMS + 1, (8, LENGTH))
+    for row in range(8):
+        input[row, :row] = PAD
+    evaluated = model(input)
+    torch.testing.assert_close(model.train()(input), evaluated, rtol=1e-5, atol=1e-5)
