@@ -1,3 +1,4 @@
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -8,14 +9,11 @@ import torch.nn.functional as F
 from config import GSASRecExperimentConfig
 from gsasrec import GSASRec, gamma_transform, gbce_alpha, gbce_beta, gbce_loss
 import train_gsasrec
+from tests.conftest import REPO
 from train_gsasrec import training_loss
 
-
-def explicit_gbce(positive: torch.Tensor, negative: torch.Tensor, beta: float) -> torch.Tensor:
-    """The paper's formula, term by term, in float64."""
-    positive, negative = positive.double(), negative.double()
-    terms = torch.log(torch.sigmoid(positive) ** beta) + torch.log(1 - torch.sigmoid(negative)).sum(-1)
-    return (-terms / (negative.shape[-1] + 1)).mean()
+sys.path.insert(0, str(REPO / "benchmarks"))
+from bench_train import explicit_gbce, paper_way_loss  # noqa: E402
 
 
 @pytest.mark.parametrize("k", [1, 16, 256])
@@ -86,13 +84,7 @@ def test_fast_training_loss_equals_the_papers_way(negative_sampling, k, device):
     negatives = torch.randint(1, num_items + 1, shape, generator=generator, device=device)
     if negative_sampling == "per_sequence":
         negatives = negatives[:, None, :].expand(70, 12, k)
-    input, labels = batch[:, :-1], batch[:, 1:]
-    hidden = model(input)
-    table = model.output_item_embeddings
-    positive = (hidden * table[labels]).sum(-1)
-    negative = torch.einsum("ble,blke->blk", hidden, table[negatives])
-    is_target = input != num_items + 1
-    reference = explicit_gbce(positive[is_target], negative[is_target], beta)
+    reference = paper_way_loss(model, batch, negatives, beta)
     assert fast.item() == pytest.approx(reference.item(), rel=1e-5)
 
 
