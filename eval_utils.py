@@ -30,19 +30,25 @@ def recommend_batched(model: GSASRec, inputs: Sequences, limit: int, filter_rate
     """Top-`limit` (items, scores) for every sequence: (n, limit) arrays in input order.
 
     Sequences are batched by length and each batch is cut to its longest input, so no work is spent on
-    columns of pure padding; with filter_rated every item of the whole input history is excluded."""
+    columns of pure padding; with filter_rated every item of the whole input history is excluded. The
+    catalogue is scored afterwards in batches of batch_size users (CPU batches of long sequences are small)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     lengths = inputs.lengths
     order = np.argsort(lengths, kind="stable")
+    last_hidden = torch.empty(len(inputs), model.embedding_dim, device=device)
+    for rows in length_sorted_batches(np.minimum(lengths[order], model.sequence_length), order, batch_size, device):
+        window = inputs.windows(rows, min(max(int(lengths[rows].max()), 1), model.sequence_length), model.padding_id)
+        last_hidden[torch.from_numpy(rows).to(device)] = model(torch.from_numpy(window).to(device),
+                                                               last_position_only=True)[:, -1]
     items = np.empty((len(inputs), limit), dtype=np.int64)
     scores = np.empty((len(inputs), limit), dtype=np.float32)
-    for rows in length_sorted_batches(np.minimum(lengths[order], model.sequence_length), order, batch_size, device):
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
         longest = max(int(lengths[rows].max()), 1)
-        window = inputs.windows(rows, min(longest, model.sequence_length), model.padding_id)
         rated = torch.from_numpy(inputs.windows(rows, longest, model.padding_id)).to(device) if filter_rated else None
-        top_items, top_scores = model.get_predictions(torch.from_numpy(window).to(device), limit, rated)
+        top_items, top_scores = model.top_items(last_hidden[torch.from_numpy(rows).to(device)], limit, rated)
         items[rows] = top_items.cpu().numpy()
         scores[rows] = top_scores.float().cpu().numpy()
     model.train(was_training)

@@ -179,7 +179,12 @@ class GSASRec(nn.Module):
 
         Id 0, the padding id and, if given, the `rated` ids ((batch, n) tensor, padding_id where unused)
         are never returned."""
-        last_hidden = self.forward(input, last_position_only=True)[:, -1, :]
+        return self.top_items(self.forward(input, last_position_only=True)[:, -1, :], limit, rated)
+
+    @torch.no_grad()
+    def top_items(self, last_hidden: torch.Tensor, limit: int, rated: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """get_predictions from the (batch, E) last hidden states, so scoring can run in larger batches."""
         scores = last_hidden @ self.output_item_embeddings.T
         scores[:, 0] = float("-inf")
         scores[:, self.padding_id] = float("-inf")

@@ -1,12 +1,17 @@
 import math
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 from dataset_utils import Sequences, offsets_from_lengths
-from eval_utils import ir_measures_metrics, ranking_metrics, recommend_batched
+from eval_utils import evaluate, ir_measures_metrics, ranking_metrics, recommend_batched
 from gsasrec import GSASRec
+from tests.conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from bench_eval import paper_way_evaluate  # noqa: E402
 
 
 def test_metrics_on_a_hand_made_ranking():
@@ -47,3 +52,19 @@ def test_direct_metrics_equal_ir_measures():
     assert direct == pytest.approx(ir_measures_metrics(recommended, targets, names), abs=1e-12)
     assert ranking_metrics(recommended, targets, ["P@10", "R@10"]) == pytest.approx(
         ir_measures_metrics(recommended, targets, ["P@10", "R@10"]))
+
+
+def test_evaluation_equals_the_official_ports_way():
+    """Length batching, the last-position shortcut and tensor masking give the metrics of full padded passes
+    with Python loops (the benchmark's baseline)."""
+    torch.manual_seed(1)
+    model = GSASRec(60, 12, embedding_dim=16, num_heads=2, num_blocks=2, embedding_init_std=0.5).eval()
+    rng = np.random.RandomState(1)
+    lengths = rng.randint(1, 30, 300)
+    offsets = offsets_from_lengths(lengths)
+    inputs = Sequences(rng.randint(1, 61, offsets[-1]).astype(np.int32), offsets)
+    targets = rng.randint(1, 61, 300)
+    names = ["nDCG@10", "R@1", "R@10"]
+    fast = evaluate(model, inputs, targets, names, limit=10, filter_rated=True, batch_size=64)
+    assert fast["R@10"] > 0
+    assert fast == pytest.approx(paper_way_evaluate(model, inputs, targets, names, limit=10, batch_size=64))
