@@ -25,13 +25,19 @@ def test_metrics_on_a_hand_made_ranking():
     assert metrics["R@10"] == pytest.approx(0.75)
 
 
+def random_model_and_histories(num_items: int, sequence_length: int, num_heads: int, num_users: int,
+                               max_length: int, seed: int) -> tuple[GSASRec, Sequences]:
+    torch.manual_seed(seed)
+    model = GSASRec(num_items, sequence_length, embedding_dim=16, num_heads=num_heads, num_blocks=2,
+                    embedding_init_std=0.5).eval()
+    rng = np.random.RandomState(seed)
+    offsets = offsets_from_lengths(rng.randint(1, max_length, num_users))
+    return model, Sequences(rng.randint(1, num_items + 1, offsets[-1]).astype(np.int32), offsets)
+
+
 def test_batched_recommendations_equal_one_padded_pass():
-    torch.manual_seed(0)
-    model = GSASRec(30, 8, embedding_dim=16, num_heads=1, num_blocks=2, embedding_init_std=0.5).eval()
-    rng = np.random.RandomState(0)
-    lengths = rng.randint(1, 15, 40)
-    offsets = offsets_from_lengths(lengths)
-    inputs = Sequences(rng.randint(1, 31, offsets[-1]).astype(np.int32), offsets)
+    model, inputs = random_model_and_histories(30, 8, num_heads=1, num_users=40, max_length=15, seed=0)
+    offsets = inputs.offsets
     items, scores = recommend_batched(model, inputs, limit=5, filter_rated=True, batch_size=7)
     rows = np.arange(40)
     window = torch.from_numpy(inputs.windows(rows, 8, 31))
@@ -57,13 +63,8 @@ def test_direct_metrics_equal_ir_measures():
 def test_evaluation_equals_the_official_ports_way():
     """Length batching, the last-position shortcut and tensor masking give the metrics of full padded passes
     with Python loops (the benchmark's baseline)."""
-    torch.manual_seed(1)
-    model = GSASRec(60, 12, embedding_dim=16, num_heads=2, num_blocks=2, embedding_init_std=0.5).eval()
-    rng = np.random.RandomState(1)
-    lengths = rng.randint(1, 30, 300)
-    offsets = offsets_from_lengths(lengths)
-    inputs = Sequences(rng.randint(1, 61, offsets[-1]).astype(np.int32), offsets)
-    targets = rng.randint(1, 61, 300)
+    model, inputs = random_model_and_histories(60, 12, num_heads=2, num_users=300, max_length=30, seed=1)
+    targets = np.random.RandomState(2).randint(1, 61, 300)
     names = ["nDCG@10", "R@1", "R@10"]
     fast = evaluate(model, inputs, targets, names, limit=10, filter_rated=True, batch_size=64)
     assert fast["R@10"] > 0
