@@ -81,6 +81,11 @@ def ir_measures_metrics(recommended: np.ndarray, targets: np.ndarray, metrics: l
     qrels = pd.DataFrame({"query_id": query_ids, "doc_id": targets.astype(str), "relevance": 1})
     run = pd.DataFrame({"query_id": np.repeat(query_ids, limit), "doc_id": recommended.ravel().astype(str),
                         "score": np.tile(np.arange(limit, 0, -1, dtype=np.float64), count)})
+    return aggregate_ir_measures(metrics, qrels, run)
+
+
+def aggregate_ir_measures(metrics: list[str], qrels, run) -> dict[str, float]:
+    """ir_measures' mean of each named measure over the queries of a run (DataFrames or nested dicts)."""
     values = ir_measures.calc_aggregate([ir_measures.parse_measure(name) for name in metrics], qrels, run)
     return {name: float(values.get(ir_measures.parse_measure(name), 0.0)) for name in metrics}
 

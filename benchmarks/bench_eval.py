@@ -6,13 +6,12 @@ model: a baseline for machines where the official port itself was not measured."
 import argparse
 import time
 
-import ir_measures
 import numpy as np
 import torch
 
 from common import benchmark_dataset, report
 from dataset_utils import Sequences
-from eval_utils import evaluate
+from eval_utils import aggregate_ir_measures, evaluate
 from gsasrec import GSASRec
 from utils import build_model, load_config, model_from_checkpoint, read_checkpoint, resolve_device
 
@@ -36,8 +35,7 @@ def paper_way_evaluate(model: GSASRec, inputs: Sequences, targets: np.ndarray, m
             user = str(start + row)
             qrels[user] = {str(int(targets[start + row])): 1}
             run[user] = {str(int(item)): float(score) for item, score in zip(top_items[row], top_scores[row])}
-    values = ir_measures.calc_aggregate([ir_measures.parse_measure(name) for name in metrics], qrels, run)
-    return {name: float(values.get(ir_measures.parse_measure(name), 0.0)) for name in metrics}
+    return aggregate_ir_measures(metrics, qrels, run)
 
 
 def main() -> None:
