@@ -3,6 +3,8 @@
 Importable on its own (torch only). Item ids run 1..num_items, num_items + 1 is padding, 0 is never an item.
 Sequences are left-padded; the prediction for a sequence is read at its last position.
 """
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,17 +56,20 @@ class SelfAttentionBlock(nn.Module):
         return x.view(batch, length, self.num_heads, dim // self.num_heads).transpose(1, 2)
 
     def forward(self, seq: torch.Tensor, attention_bias: torch.Tensor | None, is_item: torch.Tensor,
-                last_position_only: bool = False) -> torch.Tensor:
+                last_position_only: bool = False, key_value: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> torch.Tensor:
         """attention_bias: (batch, 1, L, L), 0 where a query may attend to a key and -inf elsewhere; None for
         plain causal attention (no padding), which lets the fused kernel skip the masked half.
-        With last_position_only, only the last position's output is computed (keys still span the sequence)."""
+        With last_position_only, only the last position's output is computed (keys still span the sequence).
+        key_value: this block's keys and values of `seq` when they are already known."""
         normed = self.attention_norm(seq[:, -1:] if last_position_only else seq)
         if last_position_only:
             last_bias = None if attention_bias is None else attention_bias[:, 0, -1:]
             attended = self.last_query_attention(self.query(normed), seq, last_bias)
             return self.feed_forward_output(normed + attended) * is_item[:, -1:]
         query = self.split_heads(self.query(normed))
-        key, value = self.split_heads(self.key(seq)), self.split_heads(self.value(seq))
+        key, value = key_value if key_value is not None else (self.key(seq), self.value(seq))
+        key, value = self.split_heads(key), self.split_heads(value)
         if self.training and self.attention_dropout.rate > 0:
             # One baddbmm scales the logits and adds the mask: two fewer passes over (batch, heads, L, L).
             batch, heads, length, head_dim = query.shape
@@ -99,6 +104,12 @@ class SelfAttentionBlock(nn.Module):
         context = logits.softmax(-1) @ seq
         attended = torch.einsum("bhe,hde->bhd", context, value_weight).reshape(len(query), 1, -1)
         return attended + self.value.bias
+
+
+class FirstBlockTables(NamedTuple):
+    """The first block's keys and values side by side, (..., 2E), as per-item and per-position terms."""
+    items: torch.Tensor
+    positions: torch.Tensor
 
 
 class GSASRec(nn.Module):
@@ -147,12 +158,25 @@ class GSASRec(nn.Module):
         table = self.item_embedding if self.reuse_item_embeddings else self.output_embedding
         return table.weight
 
-    def forward(self, input: torch.Tensor, last_position_only: bool = False) -> torch.Tensor:
+    @torch.no_grad()
+    def first_block_key_value_tables(self) -> FirstBlockTables:
+        """Without dropout the first block's keys are W_k (e_item + e_position) + b_k = (W_k e_item) +
+        (W_k e_position + b_k), and so are its values: per-item and per-position tables of both terms turn two
+        matrix products per position into lookups. They hold for the current weights only: an evaluation pass
+        computes them once and hands them to every forward call."""
+        key, value = self.blocks[0].key, self.blocks[0].value
+        weight, bias = torch.cat([key.weight, value.weight]), torch.cat([key.bias, value.bias])
+        return FirstBlockTables(F.linear(self.item_embedding.weight, weight),
+                                F.linear(self.position_embedding.weight, weight, bias))
+
+    def forward(self, input: torch.Tensor, last_position_only: bool = False,
+                first_block_tables: FirstBlockTables | None = None) -> torch.Tensor:
         """(batch, length) left-padded item ids -> (batch, length, E) hidden states ((batch, 1, E) with
         last_position_only, which skips the last block's work on every other position).
 
         A length shorter than sequence_length is read as the rightmost part of a full window, so cutting
-        away columns of pure padding changes nothing."""
+        away columns of pure padding changes nothing. first_block_tables (from first_block_key_value_tables,
+        in eval mode only) give the same outputs with less work."""
         length = input.shape[1]
         if length > self.sequence_length:
             raise ValueError(f"input length {length} exceeds sequence_length {self.sequence_length}")
@@ -168,8 +192,16 @@ class GSASRec(nn.Module):
             allowed = causal & (is_item.transpose(1, 2) | torch.eye(length, dtype=torch.bool, device=input.device))
             attention_bias = torch.zeros(allowed.shape, dtype=seq.dtype, device=input.device).masked_fill_(
                 ~allowed, float("-inf")).unsqueeze(1)
+        key_value = None
+        if first_block_tables is not None:
+            if self.training:
+                raise ValueError("first_block_tables hold only without dropout: call model.eval() first")
+            # At padding they differ from the layers' outputs; only padding attends there, and its output is zeroed.
+            key_value = (F.embedding(input, first_block_tables.items) + first_block_tables.positions[positions]
+                         ).split(self.embedding_dim, dim=-1)
         for index, block in enumerate(self.blocks):
-            seq = block(seq, attention_bias, is_item, last_position_only and index == len(self.blocks) - 1)
+            seq = block(seq, attention_bias, is_item, last_position_only and index == len(self.blocks) - 1,
+                        key_value if index == 0 else None)
         return self.final_norm(seq)
 
     @torch.no_grad()

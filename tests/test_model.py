@@ -105,6 +105,25 @@ def test_last_position_only_equals_the_full_forward():
     torch.testing.assert_close(model(input, last_position_only=True), full, rtol=1e-5, atol=1e-5)
 
 
+def test_first_block_tables_give_the_same_outputs():
+    """Keys and values looked up from per-item and per-position tables equal the key and value layers'."""
+    model = small_model()
+    with torch.no_grad():
+        model.blocks[0].key.bias.normal_()
+        model.blocks[0].value.bias.normal_()
+    input = torch.randint(1, NUM_ITEMS + 1, (12, LENGTH))
+    for row in range(12):
+        input[row, :row % LENGTH] = PAD
+    tables = model.first_block_key_value_tables()
+    for last_position_only in (False, True):
+        torch.testing.assert_close(model(input, last_position_only, first_block_tables=tables),
+                                   model(input, last_position_only), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(input[:, 4:], first_block_tables=tables)[-1], model(input[:, 4:])[-1],
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="eval"):
+        model.train()(input, first_block_tables=tables)
+
+
 def test_unpadded_inputs_take_the_causal_kernel_with_the_same_outputs():
     """Without padding, attention runs as plain causal attention; one column of padding forces the explicit mask."""
     model = small_model()
