@@ -204,14 +204,17 @@ class Trainer:
         self.state = saved["progress"]
         self.state["finished"] = self.finished_reason()
         rng_states = saved["rng_states"]
-        if len(rng_states) == self.world_size:
-            torch.set_rng_state(rng_states[self.rank]["torch"])
-            self.generator.set_state(rng_states[self.rank]["generator"])
-            if self.device.type == "cuda" and rng_states[self.rank]["cuda"] is not None:
-                torch.cuda.set_rng_state(rng_states[self.rank]["cuda"], self.device)
+        own = rng_states[self.rank] if len(rng_states) == self.world_size else None
+        # A CPU generator's state (Mersenne Twister) and a CUDA one's (Philox) differ in size, not only in meaning.
+        if own is not None and own["generator"].numel() == self.generator.get_state().numel():
+            torch.set_rng_state(own["torch"])
+            self.generator.set_state(own["generator"])
+            if self.device.type == "cuda" and own["cuda"] is not None:
+                torch.cuda.set_rng_state(own["cuda"], self.device)
         else:
-            self.say(f"The run was saved with {len(rng_states)} process(es), resumed with {self.world_size}: "
-                     "random streams restart from the seed and the step")
+            where = (f"with {len(rng_states)} process(es), resumed with {self.world_size}" if own is None
+                     else f"on another kind of device than {self.device.type}")
+            self.say(f"The run was saved {where}: random streams restart from the seed and the step")
             torch.manual_seed(self.config.seed + self.rank + self.state["step"])
             self.generator.manual_seed(self.config.seed + self.rank + self.state["step"])
 

@@ -67,6 +67,19 @@ def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(synthetic_data
     assert logs[0] == logs[1] and len(logs[0]) == 3
 
 
+def test_a_run_saved_on_another_kind_of_device_resumes(synthetic_datasets_dir, tmp_path, capsys):
+    """A CUDA generator's 16-byte state cannot seed a CPU generator: the streams restart from the seed instead."""
+    dataset = load_dataset(dataset_directory("successor"))
+    train(tiny_config(max_steps=3), dataset, tmp_path / "run", torch.device("cpu"), progress=False)
+    state_path = tmp_path / "run" / "train_state.pt"
+    state = torch.load(state_path, weights_only=False)
+    state["rng_states"][0]["generator"] = torch.zeros(16, dtype=torch.uint8)
+    torch.save(state, state_path)
+    resumed = train(tiny_config(max_steps=6), dataset, tmp_path / "run", torch.device("cpu"), progress=False)
+    assert resumed["step"] == 6
+    assert "saved on another kind of device than cpu: random streams restart" in capsys.readouterr().out
+
+
 def test_a_different_config_does_not_resume_silently(synthetic_datasets_dir, tmp_path):
     dataset = load_dataset(dataset_directory("successor"))
     train(tiny_config(max_steps=3), dataset, tmp_path / "run", torch.device("cpu"), progress=False)
