@@ -196,9 +196,11 @@ class GSASRec(nn.Module):
         if first_block_tables is not None:
             if self.training:
                 raise ValueError("first_block_tables hold only without dropout: call model.eval() first")
-            # At padding they differ from the layers' outputs; only padding attends there, and its output is zeroed.
-            key_value = (F.embedding(input, first_block_tables.items) + first_block_tables.positions[positions]
-                         ).split(self.embedding_dim, dim=-1)
+            # A single block run for the last position only folds its key and value layers instead.
+            if not (last_position_only and len(self.blocks) == 1):
+                # At padding they differ from the layers' outputs; only padding attends there, and it is zeroed.
+                key_value = (F.embedding(input, first_block_tables.items) + first_block_tables.positions[positions]
+                             ).split(self.embedding_dim, dim=-1)
         for index, block in enumerate(self.blocks):
             seq = block(seq, attention_bias, is_item, last_position_only and index == len(self.blocks) - 1,
                         key_value if index == 0 else None)
