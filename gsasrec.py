@@ -11,16 +11,26 @@ from torch import nn
 
 
 class Dropout(nn.Module):
-    """Inverted dropout whose CPU mask comes from 15-bit slices of int64 random words.
+    """Inverted dropout whose CPU mask takes only as many random bits per element as the rate needs.
 
-    On CPUs drawing one random number per element (bernoulli_, rand) dominates a training step; four
-    15-bit draws per int64 are ~4x cheaper. The rate is rounded to a multiple of 2^-15 and the kept
-    values are scaled by the exact inverse keep probability. CUDA keeps PyTorch's fused kernel."""
+    On CPUs drawing one random number per element (bernoulli_, rand) dominates a training step. A rate that is a
+    multiple of 2^-b for b in (1, 2, 4, 8) takes b-bit fields of random bytes (one bit for 0.5); any other rate
+    takes 16 bits and is rounded to a multiple of 2^-16. Kept values are scaled by the exact inverse keep
+    probability. CUDA keeps PyTorch's fused kernel."""
 
     def __init__(self, rate: float):
         super().__init__()
         self.rate = rate
-        self.threshold = round(rate * 2 ** 15)
+        self.bits = next((bits for bits in (1, 2, 4, 8) if (rate * 2 ** bits).is_integer()), 16)
+        dropped = round(rate * 2 ** self.bits)
+        self.scale = 2 ** self.bits / (2 ** self.bits - dropped)
+        # 16-bit draws are signed, uniform on [-2^15, 2^15): kept from dropped - 2^15 up.
+        self.threshold = dropped - 2 ** 15
+        # Narrower draws are the fields of a byte, compared in place: field j (value v at bit offset j * bits)
+        # is kept when byte & field_mask_j >= dropped << offset_j, i.e. when v >= dropped.
+        offsets = torch.arange(0, 8, self.bits if self.bits < 16 else 8, dtype=torch.int32)[:, None]
+        self.register_buffer("field_masks", ((2 ** self.bits - 1) << offsets).to(torch.uint8), persistent=False)
+        self.register_buffer("field_thresholds", (dropped << offsets).to(torch.uint8), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.rate == 0.0:
@@ -28,10 +38,15 @@ class Dropout(nn.Module):
         if x.is_cuda:
             return F.dropout(x, self.rate, training=True)
         count = x.numel()
-        words = torch.empty((count + 3) // 4, dtype=torch.int64, device=x.device).random_()
-        draws = words.view(torch.int16)[:count].view(x.shape).bitwise_and(0x7FFF)
-        keep = (draws >= self.threshold).to(x.dtype) * (2 ** 15 / (2 ** 15 - self.threshold))
-        return x * keep
+        # The full signed range: random_() alone leaves the top bit of every word zero.
+        words = torch.empty(-(-count * self.bits // 64), dtype=torch.int64, device=x.device).random_(
+            -2 ** 63, 2 ** 63 - 1)
+        if self.bits == 16:
+            keep = words.view(torch.int16)[:count] >= self.threshold
+        else:
+            # One row per field: long rows keep the comparison vectorised.
+            keep = ((words.view(torch.uint8) & self.field_masks) >= self.field_thresholds).view(-1)[:count]
+        return x * keep.view(x.shape).to(x.dtype).mul_(self.scale)
 
 
 class SelfAttentionBlock(nn.Module):

@@ -72,11 +72,19 @@ def test_predictions_exclude_rated_padding_and_zero_and_match_brute_force():
     assert not set(unfiltered.flatten().tolist()) & {0, PAD}
 
 
-def test_dropout_drops_at_the_rate_and_keeps_the_mean():
-    dropout = Dropout(0.3).train()
-    output = dropout(torch.ones(400_000))
-    assert (output == 0).float().mean().item() == pytest.approx(0.3, abs=0.005)
-    assert output.mean().item() == pytest.approx(1.0, abs=0.01)
+@pytest.mark.parametrize("rate,bits", [(0.5, 1), (0.25, 2), (0.75, 2), (0.0625, 4), (0.3, 16)])
+def test_dropout_drops_at_the_rate_and_keeps_the_mean(rate, bits):
+    dropout = Dropout(rate).train()
+    assert dropout.bits == bits
+    count = 400_003
+    dropped = dropout(torch.ones(count)) == 0
+    assert dropped.float().mean().item() == pytest.approx(rate, abs=0.005)
+    assert dropout(torch.ones(count)).mean().item() == pytest.approx(1.0, abs=0.01)
+    # Elements are dropped independently: neighbours, and the fields of one random byte (a byte count apart).
+    random_bytes = -(-count * bits // 64) * 8
+    for lag in [1] + ([random_bytes] if bits < 8 else []):
+        both = (dropped[:-lag] & dropped[lag:]).float().mean().item()
+        assert both == pytest.approx(rate ** 2, abs=0.005)
     assert torch.equal(dropout.eval()(torch.ones(10)), torch.ones(10))
 
 
