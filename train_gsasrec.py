@@ -57,7 +57,8 @@ def training_loss(model: GSASRec, batch: torch.Tensor, config: GSASRecExperiment
     shape = (len(batch), k) if config.negative_sampling == "per_sequence" else (*batch[:, 1:].shape, k)
     negatives = torch.randint(1, model.num_items + 1, shape, generator=generator,
                               device=generator.device).to(batch.device)
-    positive_scores, negative_scores = [], []
+    # The mean over all targets, as a weighted sum of the groups' means: no concatenated (n, k) score table.
+    loss_sum, target_count = 0.0, 0
     group_size = CPU_LENGTH_GROUP_SIZE if batch.device.type == "cpu" else len(batch)
     for group in torch.argsort(lengths).split(group_size):
         rows = batch[group, -max(int(lengths[group].max()), 2):]
@@ -67,20 +68,29 @@ def training_loss(model: GSASRec, batch: torch.Tensor, config: GSASRecExperiment
         with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=bf16):
             hidden = model(input).float()
         target_hidden = hidden.flatten(0, 1).index_select(0, targets)
-        positive_scores.append((target_hidden * F.embedding(labels.flatten()[targets], output_table)).sum(-1))
+        positive_scores = (target_hidden * F.embedding(labels.flatten()[targets], output_table)).sum(-1)
         if config.negative_sampling == "per_sequence":
             group_negatives = F.embedding(negatives[group], output_table).transpose(1, 2)
-            negative_scores.append(torch.bmm(hidden, group_negatives).flatten(0, 1).index_select(0, targets))
+            negative_scores = torch.bmm(hidden, group_negatives).flatten(0, 1).index_select(0, targets)
         else:
             group_negatives = negatives[group, -input.shape[1]:].flatten(0, 1)[targets]
             if k <= SMALL_K_FRACTION * model.num_items:
                 # A few negatives (SASRec's k = 1): gathering their (n, k, E) embeddings is the cheaper way.
-                scores = torch.bmm(F.embedding(group_negatives, output_table), target_hidden.unsqueeze(-1)).squeeze(-1)
+                negative_scores = torch.bmm(F.embedding(group_negatives, output_table),
+                                            target_hidden.unsqueeze(-1)).squeeze(-1)
             else:
                 # Many negatives: scoring the whole catalogue and gathering is far cheaper than (n, k, E).
-                scores = (target_hidden @ output_table.T).gather(1, group_negatives)
-            negative_scores.append(scores)
-    return gbce_loss(torch.cat(positive_scores), torch.cat(negative_scores), beta)
+                negative_scores = (target_hidden @ output_table.T).gather(1, group_negatives)
+        loss_sum = loss_sum + gbce_loss(positive_scores, negative_scores, beta) * len(targets)
+        target_count += len(targets)
+    return loss_sum / target_count
+
+
+def build_optimizer(model: nn.Module, config: GSASRecExperimentConfig) -> torch.optim.Adam:
+    """Adam at the config's learning rate, with PyTorch's fused kernel on CPUs and CUDA: one pass over each
+    parameter instead of about ten (5 ms of a CPU step on ML-1M)."""
+    fused = next(model.parameters()).device.type in ("cpu", "cuda")
+    return torch.optim.Adam(model.parameters(), lr=config.learning_rate, fused=fused)
 
 
 def training_batch(dataset: DatasetSplit, rows: np.ndarray, sequence_length: int) -> torch.Tensor:
@@ -154,7 +164,7 @@ class Trainer:
         self.model = build_model(config, dataset.num_items).to(device)
         torch.manual_seed(config.seed + rank)
         self.generator = torch.Generator(device=device).manual_seed(config.seed + rank)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate)
+        self.optimizer = build_optimizer(self.model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(learning_rate_factor, config))
         objective = TrainingObjective(self.model, config, gbce_beta(config.negs_per_pos, dataset.num_items,
                                                                     config.gbce_t))
@@ -201,6 +211,9 @@ class Trainer:
                                "new run elsewhere or --fresh to overwrite it")
         self.model.load_state_dict(saved["model_state"])
         self.optimizer.load_state_dict(saved["optimizer_state"])
+        for group in self.optimizer.param_groups:
+            # The saved run's kernel choice may not exist on this device: take this device's.
+            group["fused"] = self.optimizer.defaults["fused"]
         self.scheduler.load_state_dict(saved["scheduler_state"])
         self.state = saved["progress"]
         self.state["finished"] = self.finished_reason()

@@ -11,7 +11,7 @@ import torch
 
 from common import benchmark_dataset, report
 from gsasrec import GSASRec, gbce_beta
-from train_gsasrec import training_batch, training_loss
+from train_gsasrec import build_optimizer, training_batch, training_loss
 from utils import build_model, has_native_bf16, load_config, resolve_device
 
 
@@ -52,7 +52,7 @@ def main() -> None:
     dataset, dataset_name = benchmark_dataset(args.source)
     torch.manual_seed(0)
     model = build_model(config, dataset.num_items).to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    optimizer = build_optimizer(model, config)
     generator = torch.Generator(device=device).manual_seed(0)
     beta = gbce_beta(config.negs_per_pos, dataset.num_items, config.gbce_t)
     rng = np.random.RandomState(0)

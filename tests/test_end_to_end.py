@@ -80,6 +80,19 @@ def test_a_run_saved_on_another_kind_of_device_resumes(synthetic_datasets_dir, t
     assert "saved on another kind of device than cpu: random streams restart" in capsys.readouterr().out
 
 
+def test_a_resumed_run_takes_this_devices_adam_kernel(synthetic_datasets_dir, tmp_path):
+    """A run saved where Adam had no fused kernel (or by an older version) resumes with the fused one here."""
+    dataset = load_dataset(dataset_directory("successor"))
+    train(tiny_config(max_steps=3), dataset, tmp_path / "run", torch.device("cpu"), progress=False)
+    state_path = tmp_path / "run" / "train_state.pt"
+    state = torch.load(state_path, weights_only=False)
+    assert state["optimizer_state"]["param_groups"][0]["fused"] is True
+    state["optimizer_state"]["param_groups"][0]["fused"] = False
+    torch.save(state, state_path)
+    train(tiny_config(max_steps=6), dataset, tmp_path / "run", torch.device("cpu"), progress=False)
+    assert torch.load(state_path, weights_only=False)["optimizer_state"]["param_groups"][0]["fused"] is True
+
+
 def test_a_different_config_does_not_resume_silently(synthetic_datasets_dir, tmp_path):
     dataset = load_dataset(dataset_directory("successor"))
     train(tiny_config(max_steps=3), dataset, tmp_path / "run", torch.device("cpu"), progress=False)
