@@ -36,10 +36,25 @@ LOG_FILE = "log.jsonl"
 BUDGET_FIELDS = {"max_epochs", "max_steps", "max_training_time", "early_stopping_patience"}
 
 
-# On a CPU, sequences go through the model in groups of this many, each cut to its own longest sequence.
-CPU_LENGTH_GROUP_SIZE = 16
+# On a CPU, sequences go through the model in groups of similar length, each cut to its own longest sequence; a
+# group takes the next longer sequence while its padding stays within this many positions. Every group also
+# costs fixed work: on ML-1M, 256 was 4% faster than groups of 16 rows and than budgets of 64 or 128.
+CPU_GROUP_PADDING = 256
 # Per-position negatives up to this fraction of the catalogue are gathered rather than scored over the catalogue.
 SMALL_K_FRACTION = 0.01
+
+
+def length_groups(lengths: torch.Tensor, padding_budget: int) -> list[torch.Tensor]:
+    """Row numbers in groups of similar length: sorted by length, a group takes the next row while cutting every
+    row to the group's longest adds at most padding_budget positions of padding."""
+    order = torch.argsort(lengths)
+    groups, start, total = [], 0, 0
+    for end, length in enumerate(lengths[order].tolist()):
+        total += length
+        if end > start and (end - start + 1) * length - total > padding_budget:
+            groups.append(order[start:end])
+            start, total = end, length
+    return groups + [order[start:]]
 
 
 def training_loss(model: GSASRec, batch: torch.Tensor, config: GSASRecExperimentConfig, beta: float,
@@ -59,8 +74,8 @@ def training_loss(model: GSASRec, batch: torch.Tensor, config: GSASRecExperiment
                               device=generator.device).to(batch.device)
     # The mean over all targets, as a weighted sum of the groups' means: no concatenated (n, k) score table.
     loss_sum, target_count = 0.0, 0
-    group_size = CPU_LENGTH_GROUP_SIZE if batch.device.type == "cpu" else len(batch)
-    for group in torch.argsort(lengths).split(group_size):
+    groups = length_groups(lengths, CPU_GROUP_PADDING) if batch.device.type == "cpu" else [torch.arange(len(batch))]
+    for group in groups:
         rows = batch[group, -max(int(lengths[group].max()), 2):]
         input, labels = rows[:, :-1], rows[:, 1:]
         # Flat row numbers of the targets: index_select's gradient adds whole rows, far cheaper than a mask's.

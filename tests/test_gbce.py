@@ -61,10 +61,11 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("negative_sampling", ["per_position", "per_sequence"])
 @pytest.mark.parametrize("k", [1, 7, 40])
-def test_fast_training_loss_equals_the_papers_way(negative_sampling, k, device):
+def test_fast_training_loss_equals_the_papers_way(negative_sampling, k, device, monkeypatch):
     """Same sampled negatives: gathered per-position embeddings and the explicit formula, one padded pass.
     Over 200 items, k = 1 takes the gathering path of per-position sampling and k = 7, 40 the catalogue one.
-    On a GPU the whole batch goes through in one group, on a CPU in length groups."""
+    On a GPU the whole batch goes through in one group, on a CPU in many length groups."""
+    monkeypatch.setattr(train_gsasrec, "CPU_GROUP_PADDING", 8)
     num_items = 200
     config = GSASRecExperimentConfig(sequence_length=12, embedding_dim=16, num_heads=2, num_blocks=2,
                                      negs_per_pos=k, gbce_t=0.5, negative_sampling=negative_sampling)
@@ -86,6 +87,21 @@ def test_fast_training_loss_equals_the_papers_way(negative_sampling, k, device):
         negatives = negatives[:, None, :].expand(70, 12, k)
     reference = paper_way_loss(model, batch, negatives, beta)
     assert fast.item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+def test_length_groups_cover_every_row_and_stop_at_the_padding_budget():
+    lengths = torch.from_numpy(np.random.RandomState(0).randint(2, 202, 500))
+    groups = train_gsasrec.length_groups(lengths, 256)
+    assert sorted(torch.cat(groups).tolist()) == list(range(500))
+
+    def padding(rows: torch.Tensor) -> int:
+        return int(lengths[rows].max() * len(rows) - lengths[rows].sum())
+
+    assert all(padding(group) <= 256 for group in groups)
+    # Each group stops because the next longer row would take it over the budget.
+    assert all(padding(torch.cat([group, following[:1]])) > 256 for group, following in zip(groups, groups[1:]))
+    assert all(lengths[group].max() <= lengths[following].min() for group, following in zip(groups, groups[1:]))
+    assert 10 < len(groups) < 100
 
 
 @pytest.mark.parametrize("native_bf16", [True, False])
