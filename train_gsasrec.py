@@ -46,7 +46,8 @@ SMALL_K_FRACTION = 0.01
 
 def length_groups(lengths: torch.Tensor, padding_budget: int) -> list[torch.Tensor]:
     """Row numbers in groups of similar length: sorted by length, a group takes the next row while cutting every
-    row to the group's longest adds at most padding_budget positions of padding."""
+    row to the group's longest adds at most padding_budget positions of padding. The greedy cut is sequential; it
+    loops over one batch's lengths as Python integers (tens of microseconds a step)."""
     order = torch.argsort(lengths)
     groups, start, total = [], 0, 0
     for end, length in enumerate(lengths[order].tolist()):
@@ -74,7 +75,8 @@ def training_loss(model: GSASRec, batch: torch.Tensor, config: GSASRecExperiment
                               device=generator.device).to(batch.device)
     # The mean over all targets, as a weighted sum of the groups' means: no concatenated (n, k) score table.
     loss_sum, target_count = 0.0, 0
-    groups = length_groups(lengths, CPU_GROUP_PADDING) if batch.device.type == "cpu" else [torch.arange(len(batch))]
+    on_cpu = batch.device.type == "cpu"
+    groups = length_groups(lengths, CPU_GROUP_PADDING) if on_cpu else [torch.arange(len(batch), device=batch.device)]
     for group in groups:
         rows = batch[group, -max(int(lengths[group].max()), 2):]
         input, labels = rows[:, :-1], rows[:, 1:]
@@ -103,7 +105,7 @@ def training_loss(model: GSASRec, batch: torch.Tensor, config: GSASRecExperiment
 
 def build_optimizer(model: nn.Module, config: GSASRecExperimentConfig) -> torch.optim.Adam:
     """Adam at the config's learning rate, with PyTorch's fused kernel on CPUs and CUDA: one pass over each
-    parameter instead of about ten (5 ms of a CPU step on ML-1M)."""
+    parameter instead of about ten (4.5 ms of a CPU step on ML-1M)."""
     fused = next(model.parameters()).device.type in ("cpu", "cuda")
     return torch.optim.Adam(model.parameters(), lr=config.learning_rate, fused=fused)
 
