@@ -24,13 +24,15 @@ class Dropout(nn.Module):
         self.bits = next((bits for bits in (1, 2, 4, 8) if (rate * 2 ** bits).is_integer()), 16)
         dropped = round(rate * 2 ** self.bits)
         self.scale = 2 ** self.bits / (2 ** self.bits - dropped)
-        # 16-bit draws are signed, uniform on [-2^15, 2^15): kept from dropped - 2^15 up.
-        self.threshold = dropped - 2 ** 15
-        # Narrower draws are the fields of a byte, compared in place: field j (value v at bit offset j * bits)
-        # is kept when byte & field_mask_j >= dropped << offset_j, i.e. when v >= dropped.
-        offsets = torch.arange(0, 8, self.bits if self.bits < 16 else 8, dtype=torch.int32)[:, None]
-        self.register_buffer("field_masks", ((2 ** self.bits - 1) << offsets).to(torch.uint8), persistent=False)
-        self.register_buffer("field_thresholds", (dropped << offsets).to(torch.uint8), persistent=False)
+        if self.bits == 16:
+            # Signed draws, uniform on [-2^15, 2^15): kept from dropped - 2^15 up.
+            self.threshold = dropped - 2 ** 15
+        else:
+            # The fields of a byte, compared in place: field j (value v at bit offset j * bits) is kept when
+            # byte & field_mask_j >= dropped << offset_j, i.e. when v >= dropped.
+            offsets = torch.arange(0, 8, self.bits, dtype=torch.int32)[:, None]
+            self.register_buffer("field_masks", ((2 ** self.bits - 1) << offsets).to(torch.uint8), persistent=False)
+            self.register_buffer("field_thresholds", (dropped << offsets).to(torch.uint8), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.rate == 0.0:
