@@ -51,6 +51,30 @@ class Dropout(nn.Module):
         return x * keep.view(x.shape).to(x.dtype).mul_(self.scale)
 
 
+# PyTorch's CPU attention kernel skips no part of the causal mask at SASRec's lengths; queries in chunks of about
+# this many positions let each chunk leave out the keys after its own end.
+CPU_ATTENTION_CHUNK = 64
+
+
+def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_bias: torch.Tensor | None) -> torch.Tensor:
+    """scaled_dot_product_attention with attention_bias, or causal when it is None. On a CPU, n query chunks
+    attend only to the keys up to their end: (n + 1) / 2n of the work, the same result."""
+    length = query.shape[-2]
+    chunks = -(-length // CPU_ATTENTION_CHUNK)
+    if query.device.type != "cpu" or chunks < 2:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_bias,
+                                              is_causal=attention_bias is None)
+    if attention_bias is None:
+        causal = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
+        attention_bias = torch.zeros(length, length, dtype=query.dtype, device=query.device).masked_fill_(
+            ~causal, float("-inf"))
+    bounds = [length * chunk // chunks for chunk in range(chunks + 1)]
+    return torch.cat([F.scaled_dot_product_attention(query[..., start:end, :], key[..., :end, :], value[..., :end, :],
+                                                     attn_mask=attention_bias[..., start:end, :end])
+                      for start, end in zip(bounds, bounds[1:])], dim=-2)
+
+
 class SelfAttentionBlock(nn.Module):
     """One SASRec block: queries from LayerNorm(x), keys/values from x, no output projection,
     then a point-wise feed-forward with a residual."""
@@ -76,7 +100,7 @@ class SelfAttentionBlock(nn.Module):
                 last_position_only: bool = False, key_value: tuple[torch.Tensor, torch.Tensor] | None = None
                 ) -> torch.Tensor:
         """attention_bias: (batch, 1, L, L), 0 where a query may attend to a key and -inf elsewhere; None for
-        plain causal attention (no padding), which lets the fused kernel skip the masked half.
+        plain causal attention (no padding), which lets a GPU's fused kernel skip the masked half.
         With last_position_only, only the last position's output is computed (keys still span the sequence).
         key_value: this block's keys and values of `seq` when they are already known."""
         normed = self.attention_norm(seq[:, -1:] if last_position_only else seq)
@@ -96,8 +120,7 @@ class SelfAttentionBlock(nn.Module):
             attended = (self.attention_dropout(logits.softmax(-1)) @ value.reshape(-1, length, head_dim)
                         ).view(batch, heads, length, head_dim)
         else:
-            attended = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_bias,
-                                                      is_causal=attention_bias is None)
+            attended = causal_attention(query, key, value, attention_bias)
         return self.feed_forward_output(normed + attended.transpose(1, 2).reshape(normed.shape)) * is_item
 
     def feed_forward_output(self, x: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from gsasrec import Dropout, GSASRec
+import torch.nn.functional as F
+
+from gsasrec import CPU_ATTENTION_CHUNK, Dropout, GSASRec, causal_attention
 
 NUM_ITEMS, LENGTH = 50, 10
 PAD = NUM_ITEMS + 1
@@ -163,3 +165,18 @@ def test_training_attention_with_dropout_equals_the_eval_kernel():
         input[row, :row] = PAD
     evaluated = model(input)
     torch.testing.assert_close(model.train()(input), evaluated, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("length", [CPU_ATTENTION_CHUNK + 1, 3 * CPU_ATTENTION_CHUNK + 7])
+def test_chunked_causal_attention_equals_full_attention(length):
+    """Query chunks that leave out later keys give the full kernel's output, with and without a padding mask."""
+    torch.manual_seed(0)
+    query, key, value = torch.randn(3, 4, 2, length, 8).unbind(0)
+    full = F.scaled_dot_product_attention(query, key, value, is_causal=True)
+    torch.testing.assert_close(causal_attention(query, key, value, None), full, rtol=1e-5, atol=1e-5)
+    padding = torch.arange(length) < torch.tensor([0, 5, length // 2, length - 1])[:, None]
+    allowed = torch.ones(length, length, dtype=torch.bool).tril() & (~padding[:, None, None, :] | torch.eye(
+        length, dtype=torch.bool))
+    bias = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
+    torch.testing.assert_close(causal_attention(query, key, value, bias),
+                               F.scaled_dot_product_attention(query, key, value, attn_mask=bias), rtol=1e-5, atol=1e-5)
