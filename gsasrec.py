@@ -56,6 +56,11 @@ class Dropout(nn.Module):
 CPU_ATTENTION_CHUNK = 64
 
 
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The attention mask as a bias added to the logits: 0 where `allowed`, -inf elsewhere."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
 def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_bias: torch.Tensor | None) -> torch.Tensor:
     """scaled_dot_product_attention with attention_bias, or causal when it is None. On a CPU, n query chunks
@@ -66,9 +71,8 @@ def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_bias,
                                               is_causal=attention_bias is None)
     if attention_bias is None:
-        causal = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
-        attention_bias = torch.zeros(length, length, dtype=query.dtype, device=query.device).masked_fill_(
-            ~causal, float("-inf"))
+        attention_bias = additive_mask(torch.ones(length, length, dtype=torch.bool, device=query.device).tril(),
+                                       query.dtype)
     bounds = [length * chunk // chunks for chunk in range(chunks + 1)]
     return torch.cat([F.scaled_dot_product_attention(query[..., start:end, :], key[..., :end, :], value[..., :end, :],
                                                      attn_mask=attention_bias[..., start:end, :end])
@@ -230,8 +234,7 @@ class GSASRec(nn.Module):
             causal = torch.ones(length, length, dtype=torch.bool, device=input.device).tril()
             # Keys are real items; each position also sees itself so rows of padding never become all-masked.
             allowed = causal & (is_item.transpose(1, 2) | torch.eye(length, dtype=torch.bool, device=input.device))
-            attention_bias = torch.zeros(allowed.shape, dtype=seq.dtype, device=input.device).masked_fill_(
-                ~allowed, float("-inf")).unsqueeze(1)
+            attention_bias = additive_mask(allowed, seq.dtype).unsqueeze(1)
         key_value = None
         if first_block_tables is not None:
             if self.training:

@@ -1,7 +1,6 @@
 import numpy as np
 import pytest
 import torch
-
 import torch.nn.functional as F
 
 from gsasrec import CPU_ATTENTION_CHUNK, Dropout, GSASRec, causal_attention
