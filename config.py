@@ -7,6 +7,7 @@ class GSASRecError(Exception):
 
 
 NEGATIVE_SAMPLING_MODES = ("per_position", "per_sequence")
+TRAINING_WINDOWS = ("latest", "random")
 
 
 @dataclass
@@ -34,6 +35,9 @@ class GSASRecExperimentConfig:
     # "per_position": a fresh uniform draw of k negatives for every position, as the paper samples them.
     # "per_sequence": one draw of k negatives shared by all positions of a sequence (much faster).
     negative_sampling: str = "per_sequence"
+    # Which sequence_length + 1 items of a longer training sequence a batch shows: "latest" (the official port's),
+    # or "random", a window ending at a uniformly drawn position, so the older items of long histories are learnt too.
+    training_window: str = "latest"
     learning_rate: float = 1e-3
     # Linear warm-up over this many steps, then constant (0 disables it: the official schedule).
     warmup_steps: int = 0
@@ -69,6 +73,8 @@ class GSASRecExperimentConfig:
             (self.val_metric in self.metrics, f"val_metric {self.val_metric!r} must be one of metrics {self.metrics}"),
             (self.negative_sampling in NEGATIVE_SAMPLING_MODES,
              f"negative_sampling must be one of {NEGATIVE_SAMPLING_MODES}, got {self.negative_sampling!r}"),
+            (self.training_window in TRAINING_WINDOWS,
+             f"training_window must be one of {TRAINING_WINDOWS}, got {self.training_window!r}"),
             (self.learning_rate > 0, "learning_rate must be > 0"),
             (self.warmup_steps >= 0 and self.lr_decay_steps >= 0, "warmup_steps and lr_decay_steps must be >= 0"),
             (self.embedding_init_std is None or self.embedding_init_std > 0, "embedding_init_std must be > 0"),

@@ -47,9 +47,11 @@ class Sequences:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
-    def windows(self, rows: np.ndarray, length: int, padding_id: int) -> np.ndarray:
-        """The last `length` items of each chosen sequence, left-padded with padding_id: (len(rows), length)."""
-        ends = self.offsets[1:][rows]
+    def windows(self, rows: np.ndarray, length: int, padding_id: int,
+                prefix_lengths: np.ndarray | None = None) -> np.ndarray:
+        """The last `length` items of each chosen sequence (or of its first prefix_lengths[i] items), left-padded
+        with padding_id: (len(rows), length)."""
+        ends = self.offsets[1:][rows] if prefix_lengths is None else self.offsets[:-1][rows] + prefix_lengths
         positions = ends[:, None] - length + np.arange(length)
         is_item = positions >= self.offsets[:-1][rows][:, None]
         return np.where(is_item, self.items[np.where(is_item, positions, 0)], padding_id)

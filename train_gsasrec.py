@@ -110,10 +110,19 @@ def build_optimizer(model: nn.Module, config: GSASRecExperimentConfig) -> torch.
     return torch.optim.Adam(model.parameters(), lr=config.learning_rate, fused=fused)
 
 
-def training_batch(dataset: DatasetSplit, rows: np.ndarray, sequence_length: int) -> torch.Tensor:
-    """The last sequence_length + 1 items of each chosen user, cut to the longest one in the batch."""
-    width = min(int(dataset.train.lengths[rows].max()), sequence_length + 1)
-    return torch.from_numpy(dataset.train.windows(rows, width, dataset.padding_id).astype(np.int64))
+def training_batch(dataset: DatasetSplit, rows: np.ndarray, config: GSASRecExperimentConfig,
+                   generator: torch.Generator) -> torch.Tensor:
+    """A window of up to sequence_length + 1 items of each chosen user, cut to the longest one in the batch: the
+    latest items, or (training_window="random") those before an end drawn uniformly from the ends that still
+    fill the window. Only the random windows draw from the generator."""
+    lengths = dataset.train.lengths[rows]
+    window = config.sequence_length + 1
+    if config.training_window == "random":
+        shortest = np.minimum(lengths, window)
+        draw = torch.rand(len(rows), generator=generator, device=generator.device).cpu().numpy()
+        lengths = shortest + np.floor(draw * (lengths - shortest + 1)).astype(np.int64)
+    width = min(int(lengths.max()), window)
+    return torch.from_numpy(dataset.train.windows(rows, width, dataset.padding_id, lengths).astype(np.int64))
 
 
 def learning_rate_factor(config: GSASRecExperimentConfig, step: int) -> float:
@@ -272,7 +281,7 @@ class Trainer:
         return reasons[code]
 
     def train_step(self, rows: np.ndarray) -> float:
-        batch = training_batch(self.dataset, rows, self.config.sequence_length).to(self.device)
+        batch = training_batch(self.dataset, rows, self.config, self.generator).to(self.device)
         loss = self.objective(batch, self.generator)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -60,8 +60,8 @@ def main() -> None:
     seconds = []
     for step in range(args.warmup + args.steps):
         started = time.perf_counter()
-        batch = training_batch(dataset, rng.choice(users, config.train_batch_size, replace=False),
-                               config.sequence_length).to(device)
+        batch = training_batch(dataset, rng.choice(users, config.train_batch_size, replace=False), config,
+                               generator).to(device)
         if args.paper_way:
             negatives = torch.randint(1, dataset.num_items + 1, (*batch[:, 1:].shape, config.negs_per_pos),
                                       generator=generator, device=device)

@@ -21,6 +21,7 @@ def test_defaults_are_the_official_ones():
     ({"gbce_t": 1.5}, "gbce_t"),
     ({"embedding_dim": 130, "num_heads": 4}, "must divide"),
     ({"negative_sampling": "random"}, "negative_sampling"),
+    ({"training_window": "oldest"}, "training_window"),
     ({"val_metric": "MRR"}, "val_metric"),
 ])
 def test_invalid_values_are_rejected(values, message):

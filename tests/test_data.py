@@ -68,6 +68,19 @@ def test_windows_are_the_left_padded_tails():
         assert window.tolist() == [51] * (8 - len(tail)) + tail
 
 
+def test_windows_of_prefixes_end_where_the_prefixes_end():
+    rng = np.random.RandomState(1)
+    lengths = rng.randint(1, 30, 20)
+    offsets = offsets_from_lengths(lengths)
+    sequences = Sequences(rng.randint(1, 50, offsets[-1]).astype(np.int32), offsets)
+    rows = rng.permutation(20)[:12]
+    prefix_lengths = rng.randint(0, lengths[rows] + 1)
+    windows = sequences.windows(rows, 8, padding_id=51, prefix_lengths=prefix_lengths)
+    for window, row, kept in zip(windows, rows, prefix_lengths):
+        tail = sequences.items[offsets[row]:offsets[row] + kept][-8:].tolist()
+        assert window.tolist() == [51] * (8 - len(tail)) + tail
+
+
 def test_out_of_range_item_ids_are_reported_with_file_and_line(tmp_path):
     path = tmp_path / "input.txt"
     path.write_text("1 2 3\n4 5\n6 99 7\n")

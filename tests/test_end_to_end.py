@@ -47,17 +47,19 @@ def test_training_learns_the_rule_and_the_checkpoint_reloads(synthetic_datasets_
         model_from_checkpoint(checkpoint, num_items=41)
 
 
-@pytest.mark.parametrize("negative_sampling", ["per_sequence", "per_position"])
+@pytest.mark.parametrize("negative_sampling, training_window", [
+    ("per_sequence", "latest"), ("per_position", "latest"), ("per_sequence", "random")])
 def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(synthetic_datasets_dir, tmp_path,
-                                                                  negative_sampling):
+                                                                  negative_sampling, training_window):
     dataset = load_dataset(dataset_directory("successor"))
-    straight = train(tiny_config(max_steps=35, negative_sampling=negative_sampling), dataset, tmp_path / "a",
-                     torch.device("cpu"), progress=False)
-    first = train(tiny_config(max_steps=17, negative_sampling=negative_sampling), dataset, tmp_path / "b",
-                  torch.device("cpu"), progress=False)
+    sampling = dict(negative_sampling=negative_sampling, training_window=training_window)
+    straight = train(tiny_config(max_steps=35, **sampling), dataset, tmp_path / "a", torch.device("cpu"),
+                     progress=False)
+    first = train(tiny_config(max_steps=17, **sampling), dataset, tmp_path / "b", torch.device("cpu"),
+                  progress=False)
     assert first["step"] == 17 and first["batch_in_epoch"] == 7
-    resumed = train(tiny_config(max_steps=35, negative_sampling=negative_sampling), dataset, tmp_path / "b",
-                    torch.device("cpu"), progress=False)
+    resumed = train(tiny_config(max_steps=35, **sampling), dataset, tmp_path / "b", torch.device("cpu"),
+                    progress=False)
     assert resumed["step"] == straight["step"] == 35
     weights = lambda run: torch.load(tmp_path / run / "train_state.pt", weights_only=False)["model_state"]  # noqa: E731
     for name, value in weights("a").items():

@@ -10,7 +10,8 @@ from config import GSASRecExperimentConfig
 from gsasrec import GSASRec, gamma_transform, gbce_alpha, gbce_beta, gbce_loss
 import train_gsasrec
 from tests.conftest import REPO
-from train_gsasrec import training_loss
+from dataset_utils import DatasetSplit, Sequences, offsets_from_lengths
+from train_gsasrec import training_batch, training_loss
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 from bench_train import explicit_gbce, paper_way_loss  # noqa: E402
@@ -102,6 +103,28 @@ def test_length_groups_cover_every_row_and_stop_at_the_padding_budget():
     assert all(padding(torch.cat([group, following[:1]])) > 256 for group, following in zip(groups, groups[1:]))
     assert all(lengths[group].max() <= lengths[following].min() for group, following in zip(groups, groups[1:]))
     assert 10 < len(groups) < 100
+
+
+def test_random_training_windows_are_full_slices_ending_anywhere_after_the_first_full_window():
+    lengths = np.array([3, 7, 12, 40])
+    offsets = offsets_from_lengths(lengths)
+    train = Sequences(np.arange(1, offsets[-1] + 1, dtype=np.int32), offsets)  # item = its flat position + 1
+    dataset = DatasetSplit(train, train, lengths, train, lengths, num_items=int(offsets[-1]))
+    rows = np.arange(4)
+    generator = torch.Generator().manual_seed(0)
+    latest = training_batch(dataset, rows, GSASRecExperimentConfig(sequence_length=6), generator)
+    assert latest[3].tolist() == list(range(offsets[4] - 6, offsets[4] + 1))
+    config = GSASRecExperimentConfig(sequence_length=6, training_window="random")
+    ends = {row: set() for row in rows}
+    for _ in range(200):
+        batch = training_batch(dataset, rows, config, generator)
+        assert batch.shape == (4, 7)
+        assert batch[0].tolist() == [dataset.padding_id] * 4 + [1, 2, 3]  # shorter than a window: all of it
+        for row in rows[1:]:
+            window = batch[row].tolist()
+            assert window == list(range(window[0], window[0] + 7))  # 7 consecutive items of the row
+            ends[row].add(window[-1] - offsets[row])
+    assert ends[1] == {7} and ends[2] == set(range(7, 13)) and ends[3] == set(range(7, 41))
 
 
 @pytest.mark.parametrize("native_bf16", [True, False])
