@@ -4,4 +4,4 @@ from dataclasses import replace
 
 from config_ml1m_fast import config as fast_config
 
-config = replace(fast_config, negative_sampling="per_position")
+config = replace(fast_config, negative_sampling="per_position", training_window="latest")

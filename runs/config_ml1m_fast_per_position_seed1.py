@@ -3,4 +3,4 @@ from dataclasses import replace
 
 from config_ml1m_fast import config as fast_config
 
-config = replace(fast_config, negative_sampling="per_position", seed=1)
+config = replace(fast_config, negative_sampling="per_position", seed=1, training_window="latest")

@@ -3,4 +3,4 @@ from dataclasses import replace
 
 from config_ml1m_fast import config as fast_config
 
-config = replace(fast_config, lr_decay_steps=24000, max_steps=24000)
+config = replace(fast_config, lr_decay_steps=24000, max_steps=24000, training_window="latest")
