@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from config import GSASRecExperimentConfig
+from dataset_utils import DatasetSplit, Sequences, offsets_from_lengths
 from gsasrec import GSASRec, gamma_transform, gbce_alpha, gbce_beta, gbce_loss
 import train_gsasrec
 from tests.conftest import REPO
-from dataset_utils import DatasetSplit, Sequences, offsets_from_lengths
 from train_gsasrec import training_batch, training_loss
 
 sys.path.insert(0, str(REPO / "benchmarks"))
