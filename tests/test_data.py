@@ -56,28 +56,17 @@ def test_leave_one_out_split_by_hand():
     assert split["test/output.txt"].tolist() == [5, 9]
 
 
-def test_windows_are_the_left_padded_tails():
+@pytest.mark.parametrize("of_prefixes", [False, True])
+def test_windows_are_the_left_padded_tails_of_sequences_or_prefixes(of_prefixes):
     rng = np.random.RandomState(0)
     lengths = rng.randint(0, 12, 30)
     offsets = offsets_from_lengths(lengths)
     sequences = Sequences(rng.randint(1, 50, offsets[-1]).astype(np.int32), offsets)
     rows = rng.permutation(30)[:17]
-    windows = sequences.windows(rows, 8, padding_id=51)
-    for window, row in zip(windows, rows):
-        tail = sequences.items[offsets[row]:offsets[row + 1]][-8:].tolist()
-        assert window.tolist() == [51] * (8 - len(tail)) + tail
-
-
-def test_windows_of_prefixes_end_where_the_prefixes_end():
-    rng = np.random.RandomState(1)
-    lengths = rng.randint(1, 30, 20)
-    offsets = offsets_from_lengths(lengths)
-    sequences = Sequences(rng.randint(1, 50, offsets[-1]).astype(np.int32), offsets)
-    rows = rng.permutation(20)[:12]
-    prefix_lengths = rng.randint(0, lengths[rows] + 1)
-    windows = sequences.windows(rows, 8, padding_id=51, prefix_lengths=prefix_lengths)
-    for window, row, kept in zip(windows, rows, prefix_lengths):
-        tail = sequences.items[offsets[row]:offsets[row] + kept][-8:].tolist()
+    kept = rng.randint(0, lengths[rows] + 1) if of_prefixes else lengths[rows]
+    windows = sequences.windows(rows, 8, padding_id=51, prefix_lengths=kept if of_prefixes else None)
+    for window, row, count in zip(windows, rows, kept):
+        tail = sequences.items[offsets[row]:offsets[row] + count][-8:].tolist()
         assert window.tolist() == [51] * (8 - len(tail)) + tail
 
 
