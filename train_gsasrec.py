@@ -219,16 +219,16 @@ class Trainer:
                 "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
 
     def save_state(self) -> None:
-        """Collective: gathers every rank's RNG state, then rank 0 writes the state file atomically."""
+        """Collective: gathers every rank's RNG state, then rank 0 writes the state file atomically. The file is
+        also a model checkpoint, so evaluate_gsasrec.py can score a run's latest weights, not only its best."""
         rng_states = [self.rng_state()]
         if self.world_size > 1:
             rng_states = [None] * self.world_size
             dist.all_gather_object(rng_states, self.rng_state())
         if self.rank == 0:
-            atomic_save({"config": self.config.__dict__, "model_state": self.model.state_dict(),
-                         "optimizer_state": self.optimizer.state_dict(),
-                         "scheduler_state": self.scheduler.state_dict(), "rng_states": rng_states,
-                         "progress": self.state}, self.state_path)
+            atomic_save(model_checkpoint(self.model, self.config, optimizer_state=self.optimizer.state_dict(),
+                                         scheduler_state=self.scheduler.state_dict(), rng_states=rng_states,
+                                         progress=self.state), self.state_path)
 
     def load_state(self) -> None:
         saved = torch.load(self.state_path, map_location="cpu", weights_only=False)

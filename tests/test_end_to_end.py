@@ -45,6 +45,10 @@ def test_training_learns_the_rule_and_the_checkpoint_reloads(synthetic_datasets_
         model_from_checkpoint(checkpoint, tiny_config(embedding_dim=64))
     with pytest.raises(GSASRecError, match="trained on 40 items but the dataset has 41"):
         model_from_checkpoint(checkpoint, num_items=41)
+    latest, _ = load_model(str(tmp_path / "run" / "train_state.pt"), device="cpu")
+    state_weights = read_checkpoint(str(tmp_path / "run" / "train_state.pt"))["model_state"]
+    assert all(torch.equal(value, state_weights[name]) for name, value in latest.state_dict().items())
+    assert evaluate(latest, dataset.test_input, dataset.test_target, config.metrics, 10)["nDCG@10"] > 0.9
 
 
 @pytest.mark.parametrize("negative_sampling, training_window", [
