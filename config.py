@@ -51,6 +51,9 @@ class GSASRecExperimentConfig:
     # bf16 autocast for the forward pass where the hardware has native bf16 (utils.has_native_bf16); elsewhere,
     # where it would be emulated and many times slower, training stays in float32.
     bf16: bool = False
+    # Validate, checkpoint and ship an exponential moving average of the weights, updated after every step with
+    # this decay (e.g. 0.999, about the last 1,000 steps); None keeps the raw weights, as the official port.
+    weight_averaging_decay: float | None = None
     # Budgets: stop after this many optimiser steps / seconds of training (None: no limit).
     max_steps: int | None = None
     max_training_time: float | None = None
@@ -78,6 +81,8 @@ class GSASRecExperimentConfig:
             (self.learning_rate > 0, "learning_rate must be > 0"),
             (self.warmup_steps >= 0 and self.lr_decay_steps >= 0, "warmup_steps and lr_decay_steps must be >= 0"),
             (self.embedding_init_std is None or self.embedding_init_std > 0, "embedding_init_std must be > 0"),
+            (self.weight_averaging_decay is None or 0.0 < self.weight_averaging_decay < 1.0,
+             "weight_averaging_decay must be in (0, 1)"),
             (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1"),
             (self.max_training_time is None or self.max_training_time > 0, "max_training_time must be > 0"),
         ]

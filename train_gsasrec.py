@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
@@ -191,6 +192,8 @@ class Trainer:
         torch.manual_seed(config.seed + rank)
         self.generator = torch.Generator(device=device).manual_seed(config.seed + rank)
         self.optimizer = build_optimizer(self.model, config)
+        self.averaged = None if config.weight_averaging_decay is None else AveragedModel(
+            self.model, multi_avg_fn=get_ema_multi_avg_fn(config.weight_averaging_decay))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(learning_rate_factor, config))
         objective = TrainingObjective(self.model, config, gbce_beta(config.negs_per_pos, dataset.num_items,
                                                                     config.gbce_t))
@@ -210,6 +213,11 @@ class Trainer:
     def state_path(self) -> Path:
         return self.run_dir / STATE_FILE
 
+    @property
+    def evaluated_model(self) -> GSASRec:
+        """The weights that are validated, checkpointed and shipped: the moving average when the config keeps one."""
+        return self.model if self.averaged is None else self.averaged.module
+
     def say(self, message: str) -> None:
         if self.rank == 0:
             print(message, flush=True)
@@ -220,28 +228,34 @@ class Trainer:
 
     def save_state(self) -> None:
         """Collective: gathers every rank's RNG state, then rank 0 writes the state file atomically. The file is
-        also a model checkpoint, so evaluate_gsasrec.py can score a run's latest weights, not only its best."""
+        also a model checkpoint, so evaluate_gsasrec.py can score a run's latest weights, not only its best; with
+        weight averaging those are the averaged ones, and the raw weights go alongside for resuming."""
         rng_states = [self.rng_state()]
         if self.world_size > 1:
             rng_states = [None] * self.world_size
             dist.all_gather_object(rng_states, self.rng_state())
         if self.rank == 0:
-            atomic_save(model_checkpoint(self.model, self.config, optimizer_state=self.optimizer.state_dict(),
+            raw_weights = {} if self.averaged is None else {"training_model_state": model_checkpoint(
+                self.model, self.config)["model_state"]}
+            atomic_save(model_checkpoint(self.evaluated_model, self.config, optimizer_state=self.optimizer.state_dict(),
                                          scheduler_state=self.scheduler.state_dict(), rng_states=rng_states,
-                                         progress=self.state), self.state_path)
+                                         progress=self.state, **raw_weights), self.state_path)
 
     def load_state(self) -> None:
         saved = torch.load(self.state_path, map_location="cpu", weights_only=False)
         if comparable(GSASRecExperimentConfig.from_dict(saved["config"])) != comparable(self.config):
             raise GSASRecError(f"{self.run_dir} holds a run with a different config; pass --run-dir to start a "
                                "new run elsewhere or --fresh to overwrite it")
-        self.model.load_state_dict(saved["model_state"])
+        self.model.load_state_dict(saved.get("training_model_state", saved["model_state"]))
         self.optimizer.load_state_dict(saved["optimizer_state"])
         for group in self.optimizer.param_groups:
             # The saved run's kernel choice may not exist on this device: take this device's.
             group["fused"] = self.optimizer.defaults["fused"]
         self.scheduler.load_state_dict(saved["scheduler_state"])
         self.state = saved["progress"]
+        if self.averaged is not None:
+            self.averaged.module.load_state_dict(saved["model_state"])
+            self.averaged.n_averaged.fill_(self.state["step"])  # one update a step; 0 makes the next one a copy
         self.state["finished"] = self.finished_reason()
         rng_states = saved["rng_states"]
         own = rng_states[self.rank] if len(rng_states) == self.world_size else None
@@ -287,11 +301,13 @@ class Trainer:
         loss.backward()
         self.optimizer.step()
         self.scheduler.step()
+        if self.averaged is not None:
+            self.averaged.update_parameters(self.model)
         return loss.item()
 
     def evaluate(self, inputs, targets) -> dict[str, float]:
         config = self.config
-        return evaluate(self.model, inputs, targets, config.metrics, config.recommendation_limit,
+        return evaluate(self.evaluated_model, inputs, targets, config.metrics, config.recommendation_limit,
                         config.filter_rated, config.eval_batch_size)
 
     def end_epoch(self) -> None:
@@ -338,7 +354,7 @@ class Trainer:
         state["epochs_without_improvement"] = 0
         previous = state["best_checkpoint"]
         best_path = self.run_dir / checkpoint_name(self.config, state["step"], metric)
-        atomic_save(model_checkpoint(self.model, self.config, step=state["step"], epoch=state["epoch"],
+        atomic_save(model_checkpoint(self.evaluated_model, self.config, step=state["step"], epoch=state["epoch"],
                                      val_metrics=validation), best_path)
         state["best_checkpoint"] = str(best_path)
         if previous and Path(previous) != best_path:

@@ -23,6 +23,7 @@ def test_defaults_are_the_official_ones():
     ({"negative_sampling": "random"}, "negative_sampling"),
     ({"training_window": "oldest"}, "training_window"),
     ({"val_metric": "MRR"}, "val_metric"),
+    ({"weight_averaging_decay": 1.0}, "weight_averaging_decay"),
 ])
 def test_invalid_values_are_rejected(values, message):
     with pytest.raises(GSASRecError, match=message):

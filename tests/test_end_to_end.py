@@ -51,12 +51,15 @@ def test_training_learns_the_rule_and_the_checkpoint_reloads(synthetic_datasets_
     assert evaluate(latest, dataset.test_input, dataset.test_target, config.metrics, 10)["nDCG@10"] > 0.9
 
 
-@pytest.mark.parametrize("negative_sampling, training_window", [
-    ("per_sequence", "latest"), ("per_position", "latest"), ("per_sequence", "random")])
+@pytest.mark.parametrize("negative_sampling, training_window, weight_averaging_decay", [
+    ("per_sequence", "latest", None), ("per_position", "latest", None), ("per_sequence", "random", None),
+    ("per_sequence", "latest", 0.9)])
 def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(synthetic_datasets_dir, tmp_path,
-                                                                  negative_sampling, training_window):
+                                                                  negative_sampling, training_window,
+                                                                  weight_averaging_decay):
     dataset = load_dataset(dataset_directory("successor"))
-    sampling = dict(negative_sampling=negative_sampling, training_window=training_window)
+    sampling = dict(negative_sampling=negative_sampling, training_window=training_window,
+                    weight_averaging_decay=weight_averaging_decay)
     straight = train(tiny_config(max_steps=35, **sampling), dataset, tmp_path / "a", torch.device("cpu"),
                      progress=False)
     first = train(tiny_config(max_steps=17, **sampling), dataset, tmp_path / "b", torch.device("cpu"),
@@ -71,6 +74,29 @@ def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(synthetic_data
     logs = [[{k: v for k, v in json.loads(line).items() if k != "time_s"}
              for line in (tmp_path / run / "log.jsonl").read_text().splitlines()] for run in ("a", "b")]
     assert logs[0] == logs[1] and len(logs[0]) == 3
+
+
+def test_weight_averaging_validates_and_ships_the_moving_average(synthetic_datasets_dir, tmp_path):
+    dataset = load_dataset(dataset_directory("successor"))
+    saved = lambda: torch.load(tmp_path / "run" / "train_state.pt", weights_only=False)  # noqa: E731
+    run = lambda steps: train(tiny_config(max_steps=steps, weight_averaging_decay=0.9), dataset,  # noqa: E731
+                              tmp_path / "run", torch.device("cpu"), progress=False)
+    run(1)
+    first = saved()
+    raw_1 = first["training_model_state"]
+    assert all(torch.equal(value, raw_1[name]) for name, value in first["model_state"].items())
+    run(2)
+    second = saved()
+    raw_2 = second["training_model_state"]
+    for name, value in second["model_state"].items():
+        assert torch.allclose(value, 0.9 * raw_1[name] + 0.1 * raw_2[name], atol=1e-6), name
+    state = run(10)
+    averaged, raw = saved()["model_state"], saved()["training_model_state"]
+    best = read_checkpoint(state["best_checkpoint"])
+    assert all(torch.equal(value, best["model_state"][name]) for name, value in averaged.items())
+    assert not torch.equal(averaged["item_embedding.weight"], raw["item_embedding.weight"])
+    model, config = load_model(state["best_checkpoint"], device="cpu")
+    assert evaluate(model, dataset.val_input, dataset.val_target, config.metrics, 10) == best["val_metrics"]
 
 
 def test_a_run_saved_on_another_kind_of_device_resumes(synthetic_datasets_dir, tmp_path, capsys):
