@@ -28,8 +28,8 @@ from config import GSASRecError, GSASRecExperimentConfig
 from dataset_utils import DatasetSplit, ensure_dataset, load_dataset
 from eval_utils import evaluate
 from gsasrec import GSASRec, gbce_beta, gbce_loss
-from utils import (atomic_save, build_model, checkpoint_name, has_native_bf16, load_config, model_checkpoint,
-                   resolve_device, run_cli)
+from utils import (atomic_save, build_model, checkpoint_name, cpu_weights, has_native_bf16, load_config,
+                   model_checkpoint, resolve_device, run_cli)
 
 STATE_FILE = "train_state.pt"
 LOG_FILE = "log.jsonl"
@@ -235,8 +235,7 @@ class Trainer:
             rng_states = [None] * self.world_size
             dist.all_gather_object(rng_states, self.rng_state())
         if self.rank == 0:
-            raw_weights = {} if self.averaged is None else {"training_model_state": model_checkpoint(
-                self.model, self.config)["model_state"]}
+            raw_weights = {} if self.averaged is None else {"training_model_state": cpu_weights(self.model)}
             atomic_save(model_checkpoint(self.evaluated_model, self.config, optimizer_state=self.optimizer.state_dict(),
                                          scheduler_state=self.scheduler.state_dict(), rng_states=rng_states,
                                          progress=self.state, **raw_weights), self.state_path)

@@ -80,10 +80,15 @@ def atomic_save(payload: dict, path: Path) -> None:
     os.replace(temporary, path)
 
 
+def cpu_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict on the CPU, as checkpoints store it."""
+    return {name: value.detach().cpu() for name, value in model.state_dict().items()}
+
+
 def model_checkpoint(model: GSASRec, config: GSASRecExperimentConfig, **extra) -> dict:
     """Weights plus everything needed to rebuild the model without a config file."""
     return {"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(config), "num_items": model.num_items,
-            "model_state": {name: value.detach().cpu() for name, value in model.state_dict().items()}, **extra}
+            "model_state": cpu_weights(model), **extra}
 
 
 def read_checkpoint(path: str) -> dict:
