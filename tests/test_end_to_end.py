@@ -91,7 +91,8 @@ def test_weight_averaging_validates_and_ships_the_moving_average(synthetic_datas
     for name, value in second["model_state"].items():
         assert torch.allclose(value, 0.9 * raw_1[name] + 0.1 * raw_2[name], atol=1e-6), name
     state = run(10)
-    averaged, raw = saved()["model_state"], saved()["training_model_state"]
+    final = saved()
+    averaged, raw = final["model_state"], final["training_model_state"]
     best = read_checkpoint(state["best_checkpoint"])
     assert all(torch.equal(value, best["model_state"][name]) for name, value in averaged.items())
     assert not torch.equal(averaged["item_embedding.weight"], raw["item_embedding.weight"])
