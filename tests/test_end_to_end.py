@@ -78,7 +78,7 @@ def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(synthetic_data
 
 def test_weight_averaging_validates_and_ships_the_moving_average(synthetic_datasets_dir, tmp_path):
     dataset = load_dataset(dataset_directory("successor"))
-    saved = lambda: torch.load(tmp_path / "run" / "train_state.pt", weights_only=False)  # noqa: E731
+    saved = lambda: read_checkpoint(str(tmp_path / "run" / "train_state.pt"))  # noqa: E731
     run = lambda steps: train(tiny_config(max_steps=steps, weight_averaging_decay=0.9), dataset,  # noqa: E731
                               tmp_path / "run", torch.device("cpu"), progress=False)
     run(1)
