@@ -11,6 +11,7 @@ import math
 import os
 import signal
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -443,8 +444,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="config file defining `config = GSASRecExperimentConfig(...)`")
     parser.add_argument("--run-dir", help="folder for the state, log and best checkpoint "
-                                          "(default: models/<config file name>)")
+                                          "(default: models/<config file name>, models/<config file name>-seed<N> "
+                                          "with --seed)")
     parser.add_argument("--fresh", action="store_true", help="discard a saved state in the run folder and start over")
+    parser.add_argument("--seed", type=int, help="train with this seed instead of the config's (it is saved in the "
+                                                     "checkpoints' config)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--source", help="path to ml-1m.txt when the ML-1M split must be prepared")
     parser.add_argument("--log-test-metrics", action="store_true",
@@ -452,7 +456,11 @@ def main() -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args()
     config = load_config(args.config)
-    run_dir = Path(args.run_dir or Path("models") / Path(args.config).stem)
+    default_run_name = Path(args.config).stem
+    if args.seed is not None:
+        config = replace(config, seed=args.seed)
+        default_run_name += f"-seed{args.seed}"
+    run_dir = Path(args.run_dir or Path("models") / default_run_name)
     rank, world_size, device = init_distributed(args.device)
     if rank == 0:
         if args.fresh:

@@ -174,3 +174,24 @@ def test_command_line_train_sigterm_resume_and_evaluate(synthetic_datasets_dir, 
     mismatch = run_script("evaluate_gsasrec.py", checkpoint,
                           f"--config={write_config(tmp_path / 'config_big.py', embedding_dim=64)}")
     assert mismatch.returncode == 2 and "does not fit the config" in mismatch.stderr
+
+
+def test_command_line_seed_overrides_the_config_and_is_saved(synthetic_datasets_dir, tmp_path):
+    """--seed 42 reproduces the config's seed 42; --seed 7 trains differently, in its own default run folder."""
+    config = write_config(tmp_path / "config_tiny.py", seed=42, max_steps=3)
+    run_dirs = {"config": tmp_path / "config", "seed42": tmp_path / "seed42",
+                "seed7": tmp_path / "models" / "config_tiny-seed7"}
+    for name, extra_args in (("config", ["--run-dir", str(run_dirs["config"])]),
+                             ("seed42", ["--run-dir", str(run_dirs["seed42"]), "--seed", "42"]),
+                             ("seed7", ["--seed", "7"])):
+        result = subprocess.run([sys.executable, str(REPO / "train_gsasrec.py"), f"--config={config}", *extra_args,
+                                 "--no-progress"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+    saved = {name: torch.load(run_dir / "train_state.pt", weights_only=False) for name, run_dir in run_dirs.items()}
+    assert [saved[name]["config"]["seed"] for name in ("config", "seed42", "seed7")] == [42, 42, 7]
+    embeddings = {name: state["model_state"]["item_embedding.weight"] for name, state in saved.items()}
+    assert torch.equal(embeddings["config"], embeddings["seed42"])
+    assert not torch.equal(embeddings["config"], embeddings["seed7"])
+    other_seed = run_script("train_gsasrec.py", f"--config={config}", "--run-dir", str(run_dirs["seed7"]),
+                            "--seed", "8", "--no-progress")
+    assert other_seed.returncode == 2 and "different config" in other_seed.stderr
