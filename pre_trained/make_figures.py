@@ -23,10 +23,12 @@ def named_paths(values: list[str]) -> dict[str, str]:
 
 
 def learning_curves(logs: dict[str, str], output: str, target: float | None, by_steps: bool = False,
-                    test_only: bool = False):
+                    test_only: bool = False, mark_picks: bool = False):
     """Validation and test nDCG@10 against training wall-clock hours (or steps), one colour per run. Test
     metrics are drawn where the log has them (a run may have been resumed without --log-test-metrics).
-    test_only leaves out the validation curves (512 users, noisy), for figures comparing many runs."""
+    test_only leaves out the validation curves (512 users, noisy), for figures comparing many runs;
+    mark_picks puts a dot on each test curve at the epoch early stopping keeps (the first highest validation
+    nDCG@10), to show what the selection costs against the curve."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -41,6 +43,10 @@ def learning_curves(logs: dict[str, str], output: str, target: float | None, by_
         if tested:
             axis.plot(x[tested], [records[index]["test_nDCG@10"] for index in tested], color=colour,
                       label=f"{name}: test")
+        pick = int(np.argmax([record["val_nDCG@10"] for record in records]))
+        if mark_picks and "test_nDCG@10" in records[pick]:
+            axis.plot([x[pick]], [records[pick]["test_nDCG@10"]], color=colour, marker="o", linestyle="none",
+                      label=f"{name}: validation pick")
     if target:
         axis.axhline(target, color="black", linestyle="--", linewidth=1, label=f"paper's test nDCG@10 {target}")
     axis.set(xlabel="training steps" if by_steps else "training wall-clock (hours)", ylabel="nDCG@10",
@@ -74,11 +80,14 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.1726, help="a horizontal line on the learning curves")
     parser.add_argument("--steps", action="store_true", help="learning curves against steps, not wall-clock")
     parser.add_argument("--test-only", action="store_true", help="learning curves of test nDCG@10 alone")
+    parser.add_argument("--mark-picks", action="store_true",
+                        help="a dot on each test curve where the highest validation nDCG@10 was")
     parser.add_argument("--bins", type=int, default=10)
     parser.add_argument("--output", required=True, help="PNG file")
     args = parser.parse_args()
     if args.figure == "learning-curves":
-        learning_curves(named_paths(args.log), args.output, args.target, args.steps, args.test_only)
+        learning_curves(named_paths(args.log), args.output, args.target, args.steps, args.test_only,
+                        args.mark_picks)
     else:
         calibration(named_paths(args.checkpoint), args.output, args.bins)
     print(f"Saved {args.output}")
