@@ -23,12 +23,13 @@ def named_paths(values: list[str]) -> dict[str, str]:
 
 
 def learning_curves(logs: dict[str, str], output: str, target: float | None, by_steps: bool = False,
-                    test_only: bool = False, mark_picks: bool = False):
+                    test_only: bool = False, mark_picks: bool = False, y_min: float | None = None):
     """Validation and test nDCG@10 against training wall-clock hours (or steps), one colour per run. Test
     metrics are drawn where the log has them (a run may have been resumed without --log-test-metrics).
     test_only leaves out the validation curves (512 users, noisy), for figures comparing many runs;
     mark_picks puts a dot on each test curve at the epoch early stopping keeps (the first highest validation
-    nDCG@10), to show what the selection costs against the curve."""
+    nDCG@10), to show what the selection costs against the curve; y_min cuts off the climb below it, to see
+    the differences at the top."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -45,12 +46,14 @@ def learning_curves(logs: dict[str, str], output: str, target: float | None, by_
                       label=f"{name}: test")
         pick = int(np.argmax([record["val_nDCG@10"] for record in records]))
         if mark_picks and "test_nDCG@10" in records[pick]:
-            axis.plot([x[pick]], [records[pick]["test_nDCG@10"]], color=colour, marker="o", linestyle="none",
-                      label=f"{name}: validation pick")
+            axis.plot([x[pick]], [records[pick]["test_nDCG@10"]], color=colour, marker="o", markersize=9,
+                      markeredgecolor="black", linestyle="none", zorder=5, label=f"{name}: validation pick")
     if target:
         axis.axhline(target, color="black", linestyle="--", linewidth=1, label=f"paper's test nDCG@10 {target}")
     axis.set(xlabel="training steps" if by_steps else "training wall-clock (hours)", ylabel="nDCG@10",
              title="ML-1M learning curves")
+    if y_min is not None:
+        axis.set_ylim(bottom=y_min)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()
@@ -82,12 +85,13 @@ def main() -> None:
     parser.add_argument("--test-only", action="store_true", help="learning curves of test nDCG@10 alone")
     parser.add_argument("--mark-picks", action="store_true",
                         help="a dot on each test curve where the highest validation nDCG@10 was")
+    parser.add_argument("--y-min", type=float, help="lowest nDCG@10 shown on the learning curves")
     parser.add_argument("--bins", type=int, default=10)
     parser.add_argument("--output", required=True, help="PNG file")
     args = parser.parse_args()
     if args.figure == "learning-curves":
         learning_curves(named_paths(args.log), args.output, args.target, args.steps, args.test_only,
-                        args.mark_picks)
+                        args.mark_picks, args.y_min)
     else:
         calibration(named_paths(args.checkpoint), args.output, args.bins)
     print(f"Saved {args.output}")

@@ -40,14 +40,16 @@ def test_test_only_curves_leave_out_validation(tmp_path):
 
 
 def test_the_validation_pick_is_marked_on_the_test_curve(tmp_path):
-    """The dot sits where early stopping keeps its checkpoint: the first of two equal validation peaks."""
+    """The dot sits where early stopping keeps its checkpoint: the first of two equal validation peaks; y_min
+    zooms in on the top of the curves."""
     validation, test = [0.1, 0.3, 0.2, 0.3, 0.1], [0.05, 0.15, 0.25, 0.35, 0.45]
     with open(tmp_path / "run.jsonl", "w") as log:
         for index, (val, tested) in enumerate(zip(validation, test)):
             log.write(json.dumps({"step": 10 * (index + 1), "time_s": 1.0, "val_nDCG@10": val,
                                   "test_nDCG@10": tested}) + "\n")
     figure = learning_curves({"run": str(tmp_path / "run.jsonl")}, str(tmp_path / "curves.png"), target=None,
-                             by_steps=True, test_only=True, mark_picks=True)
+                             by_steps=True, test_only=True, mark_picks=True, y_min=0.12)
     marks = [line for line in figure.axes[0].get_lines() if line.get_label() == "run: validation pick"]
     assert len(marks) == 1
     assert list(marks[0].get_xdata()) == [20] and list(marks[0].get_ydata()) == [0.15]
+    assert figure.axes[0].get_ylim()[0] == 0.12
