@@ -133,8 +133,8 @@ def test_a_different_config_does_not_resume_silently(synthetic_datasets_dir, tmp
         train(tiny_config(max_steps=6, gbce_t=0.5), dataset, tmp_path / "run", torch.device("cpu"), progress=False)
 
 
-def run_script(*args, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300, **kwargs)
+def run_script(*args, cwd=REPO, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300, **kwargs)
 
 
 def test_command_line_train_sigterm_resume_and_evaluate(synthetic_datasets_dir, tmp_path):
@@ -184,8 +184,8 @@ def test_command_line_seed_overrides_the_config_and_is_saved(synthetic_datasets_
     for name, extra_args in (("config", ["--run-dir", str(run_dirs["config"])]),
                              ("seed42", ["--run-dir", str(run_dirs["seed42"]), "--seed", "42"]),
                              ("seed7", ["--seed", "7"])):
-        result = subprocess.run([sys.executable, str(REPO / "train_gsasrec.py"), f"--config={config}", *extra_args,
-                                 "--no-progress"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        result = run_script(str(REPO / "train_gsasrec.py"), f"--config={config}", *extra_args, "--no-progress",
+                            cwd=tmp_path)
         assert result.returncode == 0, result.stderr
     saved = {name: torch.load(run_dir / "train_state.pt", weights_only=False) for name, run_dir in run_dirs.items()}
     assert [saved[name]["config"]["seed"] for name in ("config", "seed42", "seed7")] == [42, 42, 7]
