@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 
 from config import GSASRecError, GSASRecExperimentConfig
@@ -47,6 +49,9 @@ def test_ml1m_configs():
     assert (gsasrec.embedding_dim, gsasrec.num_heads, gsasrec.num_blocks, gsasrec.dropout_rate,
             gsasrec.negs_per_pos, gsasrec.gbce_t) == (128, 1, 2, 0.5, 256, 0.75)
     assert (sasrec.negs_per_pos, sasrec.gbce_t) == (1, 0.0)
+    per_position = load_config(str(REPO / "config_ml1m_per_position.py"))
+    assert (gsasrec.negative_sampling, per_position.negative_sampling) == ("per_sequence", "per_position")
+    assert replace(per_position, negative_sampling=gsasrec.negative_sampling) == gsasrec
 
 
 def test_learning_rate_schedule():
