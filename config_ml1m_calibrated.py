@@ -1,9 +1,7 @@
-"""gSASRec on MovieLens-1M with t = 1.0: beta = alpha, so sigmoid(score) estimates the real probability that an
-item is the next one (the paper's fully calibrated setting; it trains more slowly than t = 0.75). Built on
-config_ml1m_fast.py (prior score init, small embedding init, bf16), with the latest training windows of the
-committed checkpoint's run."""
+"""gSASRec on MovieLens-1M with t = 1.0: beta = alpha, so sigmoid(score) estimates the probability that an item is
+the next one (the paper's fully calibrated setting). Otherwise config_ml1m.py."""
 from dataclasses import replace
 
-from config_ml1m_fast import config as fast_config
+from config_ml1m import config as gsasrec_config
 
-config = replace(fast_config, gbce_t=1.0, training_window="latest")
+config = replace(gsasrec_config, gbce_t=1.0)

@@ -47,6 +47,10 @@ def main() -> None:
     dataset = load_dataset(ensure_dataset(dataset_name, args.source))
     model, config = model_from_checkpoint(checkpoint, config, dataset.num_items, checkpoint_path)
     model = model.to(resolve_device(args.device))
+    made = checkpoint.get("training")
+    if made:
+        print(f"trained {made['steps']} steps in {made['seconds'] / 60:.1f} min on {made['device']} "
+              f"({made['threads']} threads, torch {made['torch']}, {made['world_size']} process(es))")
     inputs, targets = ((dataset.test_input, dataset.test_target) if args.split == "test"
                        else (dataset.val_input, dataset.val_target))
     started = time.perf_counter()
@@ -58,7 +62,7 @@ def main() -> None:
         print(f"{name}\t{value:.4f}")
     print(f"({len(targets)} {args.split} users, {seconds:.2f}s)")
     result = {"checkpoint": str(checkpoint_path), "dataset": dataset_name, "split": args.split,
-              "users": len(targets), "metrics": metrics}
+              "users": len(targets), "metrics": metrics, "training": made}
     if args.calibration:
         result["calibration"] = top1_calibration(recommended, scores, targets, args.bins)
         print_calibration(result["calibration"])

@@ -1,9 +1,13 @@
 """Config files, model building, devices and self-describing checkpoints."""
 import dataclasses
+import difflib
 import functools
+import types
+import typing
 import importlib.util
 import math
 import os
+import platform
 import sys
 from pathlib import Path
 
@@ -32,6 +36,45 @@ def load_config(path: str) -> GSASRecExperimentConfig:
     if not isinstance(config, GSASRecExperimentConfig):
         raise GSASRecError(f"{path} must define `config = GSASRecExperimentConfig(...)`")
     return config
+
+
+def parse_field_value(name: str, text: str, annotation) -> object:
+    """A --set value as the config field's type: int, float, bool (true/false), str, list (comma-separated),
+    or None where the field allows it."""
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if text == "None" and type(None) in options:
+        return None
+    kind = next(option for option in options if option is not type(None))
+    kind = typing.get_origin(kind) or kind
+    if kind is bool:
+        if text.lower() not in ("true", "false"):
+            raise GSASRecError(f"--set {name}: expected true or false, got {text!r}")
+        return text.lower() == "true"
+    if kind in (list, tuple):
+        return [part.strip() for part in text.split(",") if part.strip()]
+    try:
+        return kind(text)
+    except ValueError:
+        raise GSASRecError(f"--set {name}: expected {kind.__name__}"
+                           f"{' or None' if type(None) in options else ''}, got {text!r}") from None
+
+
+def apply_overrides(config: GSASRecExperimentConfig, overrides: list[str]) -> GSASRecExperimentConfig:
+    """The config with FIELD=VALUE overrides (train_gsasrec.py --set), each parsed to its field's type."""
+    known = {field.name: field for field in dataclasses.fields(GSASRecExperimentConfig)}
+    hints = typing.get_type_hints(GSASRecExperimentConfig)
+    values = {}
+    for override in overrides:
+        name, equals, text = override.partition("=")
+        name = name.strip()
+        if not equals or not name:
+            raise GSASRecError(f"--set {override!r}: expected FIELD=VALUE")
+        if name not in known:
+            nearest = difflib.get_close_matches(name, known, n=1)
+            raise GSASRecError(f"--set {name}: no such config field" +
+                               (f" (did you mean {nearest[0]}?)" if nearest else ""))
+        values[name] = parse_field_value(name, text.strip(), hints[name])
+    return dataclasses.replace(config, **values)
 
 
 def build_model(config: GSASRecExperimentConfig, num_items: int) -> GSASRec:
@@ -63,6 +106,20 @@ def has_native_bf16(device: torch.device) -> bool:
         return any(getattr(torch.cpu, check, lambda: False)()
                    for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
     return False
+
+
+def machine_description(device: torch.device) -> dict:
+    """What a run or a benchmark ran on, for comparing figures across machines: the CPU model (from
+    /proc/cpuinfo where there is one) or the GPU name, the CPU threads torch uses, native bf16, torch's version."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        cpuinfo = Path("/proc/cpuinfo")
+        models = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.is_file()
+                                                             else []) if line.startswith("model name")]
+        name = models[0] if models else platform.processor() or platform.machine()
+    return {"device": name, "threads": torch.get_num_threads(), "native_bf16": has_native_bf16(device),
+            "torch": torch.__version__}
 
 
 def checkpoint_name(config: GSASRecExperimentConfig, step: int, metric_value: float) -> str:

@@ -5,6 +5,7 @@
 for machines where the official port itself was not measured."""
 import argparse
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -38,6 +39,8 @@ def main() -> None:
     parser.add_argument("--config", default="config_ml1m.py")
     parser.add_argument("--negative-sampling", choices=["per_sequence", "per_position"], help="override the config")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (where the hardware has native bf16)")
+    parser.add_argument("--bf16-scores", action="store_true",
+                        help="score the catalogue for per-position negatives in bf16 (where the hardware has native bf16)")
     parser.add_argument("--paper-way", action="store_true",
                         help="the official port's way of computing the loss (about 10 GB of memory on ML-1M)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
@@ -46,8 +49,8 @@ def main() -> None:
     parser.add_argument("--source", help="path to ml-1m.txt")
     args = parser.parse_args()
     config = load_config(args.config)
-    config.negative_sampling = args.negative_sampling or config.negative_sampling
-    config.bf16 = args.bf16 or config.bf16
+    config = replace(config, negative_sampling=args.negative_sampling or config.negative_sampling,
+                     bf16=args.bf16 or config.bf16, bf16_scores=args.bf16_scores or config.bf16_scores)
     device = resolve_device(args.device)
     dataset, dataset_name = benchmark_dataset(args.source)
     torch.manual_seed(0)
@@ -78,7 +81,8 @@ def main() -> None:
     extra = {"peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)} if device.type == "cuda" else {}
     report(benchmark="train_step_paper_way" if args.paper_way else "train_step", dataset=dataset_name,
            config=args.config, negative_sampling="per_position" if args.paper_way else config.negative_sampling,
-           bf16=config.bf16 and has_native_bf16(device), batch_size=config.train_batch_size,
+           bf16=config.bf16 and has_native_bf16(device),
+           bf16_scores=config.bf16_scores and has_native_bf16(device), batch_size=config.train_batch_size,
            negs_per_pos=config.negs_per_pos,
            median_s=round(float(np.median(seconds)), 4), min_s=round(min(seconds), 4), steps=args.steps,
            device=str(device), **extra)

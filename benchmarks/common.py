@@ -1,6 +1,5 @@
 """Shared by the benchmarks: the ML-1M split (or a synthetic one of the same shape) and the JSON report."""
 import json
-import platform
 import resource
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from config import GSASRecError  # noqa: E402
 from dataset_utils import (DatasetSplit, Sequences, ensure_dataset, load_dataset, offsets_from_lengths,  # noqa: E402
                            split_sequences, validation_user_mask)
+from utils import machine_description  # noqa: E402
 
 
 def synthetic_ml1m_shaped(seed: int = 0) -> DatasetSplit:
@@ -39,7 +39,6 @@ def peak_rss_mb() -> float:
 
 
 def report(**figures) -> None:
-    device = figures.get("device", "cpu")
-    name = torch.cuda.get_device_name() if str(device).startswith("cuda") else platform.processor() or platform.machine()
-    print(json.dumps({**figures, "peak_rss_mb": round(peak_rss_mb(), 1), "device_name": name,
-                      "torch": torch.__version__, "threads": torch.get_num_threads()}))
+    machine = machine_description(torch.device(figures.get("device", "cpu")))
+    print(json.dumps({**figures, "peak_rss_mb": round(peak_rss_mb(), 1), "device_name": machine["device"],
+                      "torch": machine["torch"], "threads": machine["threads"]}))

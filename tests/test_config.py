@@ -4,7 +4,7 @@ import pytest
 
 from config import GSASRecError, GSASRecExperimentConfig
 from tests.conftest import REPO
-from utils import load_config
+from utils import apply_overrides, load_config, read_checkpoint
 
 
 def test_defaults_are_the_official_ones():
@@ -43,15 +43,61 @@ def test_unknown_fields_are_named(tmp_path):
         load_config(str(tmp_path / "absent.py"))
 
 
+PAPER_HYPERPARAMETERS = {"sequence_length": 200, "embedding_dim": 128, "num_heads": 1, "num_blocks": 2,
+                         "dropout_rate": 0.5, "train_batch_size": 128, "negs_per_pos": 256, "gbce_t": 0.75,
+                         "negative_sampling": "per_position"}
+
+
 def test_ml1m_configs():
-    gsasrec = load_config(str(REPO / "config_ml1m.py"))
-    sasrec = load_config(str(REPO / "config_ml1m_sasrec.py"))
-    assert (gsasrec.embedding_dim, gsasrec.num_heads, gsasrec.num_blocks, gsasrec.dropout_rate,
-            gsasrec.negs_per_pos, gsasrec.gbce_t) == (128, 1, 2, 0.5, 256, 0.75)
-    assert (sasrec.negs_per_pos, sasrec.gbce_t) == (1, 0.0)
-    per_position = load_config(str(REPO / "config_ml1m_per_position.py"))
-    assert (gsasrec.negative_sampling, per_position.negative_sampling) == ("per_sequence", "per_position")
-    assert replace(per_position, negative_sampling=gsasrec.negative_sampling) == gsasrec
+    """config_ml1m.py is the paper's model, loss and negatives; the official one differs only in the recipe; SASRec
+    and t = 1.0 are config_ml1m.py with their loss changed."""
+    configs = {name: load_config(str(REPO / f"config_ml1m{name}.py"))
+               for name in ("", "_official", "_sasrec", "_calibrated")}
+    for name in ("", "_official"):
+        assert {field: getattr(configs[name], field) for field in PAPER_HYPERPARAMETERS} == PAPER_HYPERPARAMETERS
+    official = configs["_official"]
+    assert (official.embedding_init_std, official.lr_decay_steps, official.max_steps, official.val_metric,
+            official.early_stopping_patience) == (None, 0, None, "nDCG@10", 200)
+    assert replace(configs[""], gbce_t=1.0) == configs["_calibrated"]
+    sasrec = configs["_sasrec"]
+    assert (sasrec.negs_per_pos, sasrec.gbce_t, sasrec.negative_sampling) == (1, 0.0, "per_position")
+    assert replace(configs[""], negs_per_pos=1, gbce_t=0.0, prior_score_init=False, lr_decay_steps=sasrec.max_steps,
+                   max_steps=sasrec.max_steps) == sasrec
+
+
+def test_the_official_checkpoint_was_trained_with_config_ml1m_official():
+    checkpoint, = (REPO / "pre_trained" / "config_ml1m_official").glob("*.pt")
+    saved = GSASRecExperimentConfig.from_dict(read_checkpoint(str(checkpoint))["config"])
+    assert saved == load_config(str(REPO / "config_ml1m_official.py"))
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["gbce_t=1.0"], {"gbce_t": 1.0}),
+    (["negs_per_pos=16", "seed=3"], {"negs_per_pos": 16, "seed": 3}),
+    (["max_steps=None", "weight_averaging_decay=0.99"], {"max_steps": None, "weight_averaging_decay": 0.99}),
+    (["bf16=true", "filter_rated=False"], {"bf16": True, "filter_rated": False}),
+    (["metrics=nDCG@10, R@5", "val_metric=R@5"], {"metrics": ["nDCG@10", "R@5"], "val_metric": "R@5"}),
+    (["training_window = latest"], {"training_window": "latest"}),
+])
+def test_overrides_are_parsed_to_the_field_type(overrides, expected):
+    config = apply_overrides(GSASRecExperimentConfig(), overrides)
+    assert replace(GSASRecExperimentConfig(), **expected) == config
+    assert {name: type(getattr(config, name)) for name in expected} == {name: type(value)
+                                                                         for name, value in expected.items()}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("negs_per_positive=3", r"no such config field \(did you mean negs_per_pos\?\)"),
+    ("gbce_t=high", "gbce_t: expected float, got 'high'"),
+    ("max_steps=1.5", "max_steps: expected int or None"),
+    ("num_blocks=None", "num_blocks: expected int, got 'None'"),
+    ("bf16=yes", "bf16: expected true or false"),
+    ("gbce_t", "expected FIELD=VALUE"),
+    ("gbce_t=1.5", "invalid config: gbce_t"),
+])
+def test_bad_overrides_are_one_line_errors(override, message):
+    with pytest.raises(GSASRecError, match=message):
+        apply_overrides(GSASRecExperimentConfig(), [override])
 
 
 def test_learning_rate_schedule():

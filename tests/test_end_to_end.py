@@ -195,3 +195,23 @@ def test_command_line_seed_overrides_the_config_and_is_saved(synthetic_datasets_
     other_seed = run_script("train_gsasrec.py", f"--config={config}", "--run-dir", str(run_dirs["seed7"]),
                             "--seed", "8", "--no-progress")
     assert other_seed.returncode == 2 and "different config" in other_seed.stderr
+
+
+def test_set_overrides_reach_the_checkpoint_and_the_run_folder_name(synthetic_datasets_dir, tmp_path):
+    """--set gbce_t=1.0 --set negs_per_pos=4 trains that config, saves it, and names the default run folder after it;
+    a bad override is one line on stderr with exit status 2 and writes nothing."""
+    config = write_config(tmp_path / "config_tiny.py", max_steps=3)
+    result = run_script(str(REPO / "train_gsasrec.py"), f"--config={config}", "--set", "gbce_t=1.0",
+                        "--set", "negs_per_pos=4", "--no-progress", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    run_dir = tmp_path / "models" / "config_tiny-gbce_t=1.0-negs_per_pos=4"
+    saved = read_checkpoint(str(run_dir / "train_state.pt"))
+    assert (saved["config"]["gbce_t"], saved["config"]["negs_per_pos"]) == (1.0, 4)
+    assert saved["training"]["steps"] == 3 and saved["training"]["seconds"] > 0
+    assert {"device", "threads", "torch", "native_bf16"} <= set(saved["training"])
+    bad = run_script(str(REPO / "train_gsasrec.py"), f"--config={config}", "--set", "negs_per_position=4",
+                     "--no-progress", cwd=tmp_path)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == ["error: --set negs_per_position: no such config field "
+                                               "(did you mean negs_per_pos?)"]
+    assert sorted(path.name for path in (tmp_path / "models").iterdir()) == [run_dir.name]
