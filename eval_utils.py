@@ -34,6 +34,7 @@ def recommend_batched(model: GSASRec, inputs: Sequences, limit: int, filter_rate
     block's keys and values come from tables computed once per call. The catalogue is scored afterwards in
     batches of batch_size users (CPU batches of long sequences are small)."""
     device = next(model.parameters()).device
+    limit = min(limit, model.num_items)  # lists longer than a small catalogue would rank non-items
     was_training = model.training
     model.eval()
     lengths = inputs.lengths

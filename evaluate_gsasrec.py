@@ -1,6 +1,8 @@
 """Evaluates a gSASRec checkpoint on the test split: full-catalogue ranking, ir_measures metrics.
 
-The checkpoint carries its config, so --config is optional; when given, it must fit the checkpoint.
+The checkpoint carries its config, so --config is optional; when given, it must fit the checkpoint. The official
+port's checkpoints (bare state dicts) carry none and need --config; --write-official writes any checkpoint in
+that format, for the official port's own evaluation script.
 """
 import argparse
 import json
@@ -9,7 +11,8 @@ from pathlib import Path
 
 from dataset_utils import ensure_dataset, load_dataset
 from eval_utils import plot_reliability_diagrams, ranking_metrics, recommend_batched, top1_calibration
-from utils import load_config, model_from_checkpoint, read_checkpoint, resolve_device, run_cli
+from utils import (load_config, model_from_checkpoint, read_checkpoint, resolve_device, run_cli,
+                   write_official_checkpoint)
 
 
 def print_calibration(report: dict) -> None:
@@ -35,14 +38,20 @@ def main() -> None:
                              "overconfidence factor, expected calibration error")
     parser.add_argument("--bins", type=int, default=10, help="equal-mass bins for the calibration error (default 10)")
     parser.add_argument("--plot", help="with --calibration: save the reliability diagram to this PNG")
+    parser.add_argument("--write-official", metavar="PATH",
+                        help="instead of evaluating, write the weights as the official port's bare state dict")
     args = parser.parse_args()
     if args.plot and not args.calibration:
         parser.error("--plot needs --calibration")
     checkpoint_path = args.checkpoint or args.checkpoint_path
     if not checkpoint_path:
         parser.error("give a checkpoint: --checkpoint PATH (or PATH)")
-    checkpoint = read_checkpoint(checkpoint_path)
     config = load_config(args.config) if args.config else None
+    checkpoint = read_checkpoint(checkpoint_path, config)
+    if args.write_official:
+        write_official_checkpoint(checkpoint, args.write_official)
+        print(f"Wrote {args.write_official} (official-port format: evaluate it with its config)")
+        return
     dataset_name = (config.dataset_name if config else checkpoint["config"]["dataset_name"])
     dataset = load_dataset(ensure_dataset(dataset_name, args.source))
     model, config = model_from_checkpoint(checkpoint, config, dataset.num_items, checkpoint_path)

@@ -8,6 +8,7 @@ import importlib.util
 import math
 import os
 import platform
+import re
 import sys
 from pathlib import Path
 
@@ -148,7 +149,37 @@ def model_checkpoint(model: GSASRec, config: GSASRecExperimentConfig, **extra) -
             "model_state": cpu_weights(model), **extra}
 
 
-def read_checkpoint(path: str) -> dict:
+# This repository's module names and the official port's (REFERENCE.md): inside each Transformer block, and at the
+# top level; the embedding tables have the same names in both.
+OFFICIAL_BLOCK_NAMES = {"attention_norm": "first_norm", "query": "multihead_attention.query_proj",
+                        "key": "multihead_attention.key_proj", "value": "multihead_attention.val_proj",
+                        "feed_forward_norm": "second_norm", "feed_forward.0": "dense1", "feed_forward.3": "dense2"}
+OFFICIAL_TOP_NAMES = {"final_norm": "seq_norm"}
+
+
+def rename_parameters(state: dict[str, torch.Tensor], to_official: bool) -> dict[str, torch.Tensor]:
+    """A state dict under the official port's parameter names (to_official) or back under ours."""
+    blocks, top = OFFICIAL_BLOCK_NAMES, OFFICIAL_TOP_NAMES
+    if not to_official:
+        blocks, top = {new: old for old, new in blocks.items()}, {new: old for old, new in top.items()}
+    block_pattern = r"blocks\.(\d+)\.(.+)\.(weight|bias)" if to_official else \
+        r"transformer_blocks\.(\d+)\.(.+)\.(weight|bias)"
+    block_prefix = "transformer_blocks" if to_official else "blocks"
+    renamed = {}
+    for name, value in state.items():
+        block = re.fullmatch(block_pattern, name)
+        if block and block[2] in blocks:
+            name = f"{block_prefix}.{block[1]}.{blocks[block[2]]}.{block[3]}"
+        else:
+            module, _, parameter = name.rpartition(".")
+            name = f"{top.get(module, module)}.{parameter}"
+        renamed[name] = value
+    return renamed
+
+
+def read_checkpoint(path: str, config: GSASRecExperimentConfig | None = None) -> dict:
+    """A checkpoint of this repository, or a bare state dict of the official port (which needs its config)
+    wrapped as one."""
     path = Path(path)
     if not path.is_file():
         raise GSASRecError(f"checkpoint not found: {path}")
@@ -156,10 +187,40 @@ def read_checkpoint(path: str) -> dict:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:
         raise GSASRecError(f"{path} is not a readable checkpoint ({type(error).__name__}: {error})") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise GSASRecError(f"{path} is not a gsasrec-pytorch checkpoint (weights-only files of the official "
-                           "port carry no config; retrain or wrap them with a config)")
-    return checkpoint
+    if isinstance(checkpoint, dict) and checkpoint.get("format") == CHECKPOINT_FORMAT:
+        return checkpoint
+    if isinstance(checkpoint, dict) and "item_embedding.weight" in checkpoint and any(
+            name.startswith("transformer_blocks.") for name in checkpoint):
+        if config is None:
+            raise GSASRecError(f"{path} is an official-port checkpoint (weights only, no config): give its "
+                               "config, e.g. --config=config_ml1m.py")
+        return official_checkpoint(checkpoint, config, path)
+    raise GSASRecError(f"{path} is neither a gsasrec-pytorch checkpoint nor an official-port state dict")
+
+
+def official_checkpoint(official_state: dict, config: GSASRecExperimentConfig, path: Path) -> dict:
+    """An official-port state dict as this repository's checkpoint, after checking its tensors against the
+    model the config builds (the item count comes from the embedding table)."""
+    model_state = rename_parameters(official_state, to_official=False)
+    num_items = model_state["item_embedding.weight"].shape[0] - 2
+    expected = build_model(config, num_items).state_dict()
+    official_names = lambda names: ", ".join(rename_parameters(dict.fromkeys(names), to_official=True))  # noqa: E731
+    missing, unexpected = sorted(set(expected) - set(model_state)), sorted(set(model_state) - set(expected))
+    if missing or unexpected:
+        raise GSASRecError(f"{path} does not fit the config: " + "; ".join(
+            ([f"missing {official_names(missing[:3])}"] if missing else []) +
+            ([f"unexpected {official_names(unexpected[:3])}"] if unexpected else [])))
+    for name, value in expected.items():
+        if value.shape != model_state[name].shape:
+            raise GSASRecError(f"{path} does not fit the config: {official_names([name])} is "
+                               f"{tuple(model_state[name].shape)} in the checkpoint, {tuple(value.shape)} for it")
+    return {"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(config), "num_items": num_items,
+            "model_state": model_state}
+
+
+def write_official_checkpoint(checkpoint: dict, path: str) -> None:
+    """The checkpoint's weights as the official port saves them: a bare state dict under its parameter names."""
+    atomic_save(rename_parameters(checkpoint["model_state"], to_official=True), Path(path))
 
 
 def model_from_checkpoint(checkpoint: dict, config: GSASRecExperimentConfig | None = None,
@@ -181,9 +242,11 @@ def model_from_checkpoint(checkpoint: dict, config: GSASRecExperimentConfig | No
     return model, config
 
 
-def load_model(checkpoint_path: str, device: str | None = None) -> tuple[GSASRec, GSASRecExperimentConfig]:
-    """A trained model in eval mode on `device` (default: CUDA if present), and its config."""
-    model, config = model_from_checkpoint(read_checkpoint(checkpoint_path), path=checkpoint_path)
+def load_model(checkpoint_path: str, device: str | None = None, config: GSASRecExperimentConfig | None = None
+               ) -> tuple[GSASRec, GSASRecExperimentConfig]:
+    """A trained model in eval mode on `device` (default: CUDA if present), and its config; an official-port
+    checkpoint needs its config."""
+    model, config = model_from_checkpoint(read_checkpoint(checkpoint_path, config), config, path=checkpoint_path)
     return model.to(resolve_device(device)).eval(), config
 
 

@@ -287,14 +287,13 @@ def write_dataset(directory: Path, split: dict, stats: dict, tables: dict) -> No
 
 
 def next_steps(directory: Path) -> str:
-    """How to train on the dataset: a config naming it, and the datasets folder when it is not the default."""
+    """How to train on the dataset: the ML-1M recipe with this dataset, and the datasets folder when it is not
+    the default."""
     name = directory.name
     environment = "" if directory.resolve() == (DATASETS_DIR / name).resolve() else \
         f"{DATASETS_DIR_ENV}={directory.parent} "
-    return (f"Next: write config_{name}.py containing\n"
-            f"    from config import GSASRecExperimentConfig\n"
-            f"    config = GSASRecExperimentConfig(dataset_name={name!r})\n"
-            f"then train: {environment}python3 train_gsasrec.py --config=config_{name}.py")
+    return (f"Next, train with the ML-1M recipe on it (or write a config of your own with dataset_name={name!r}):\n"
+            f"    {environment}python3 train_gsasrec.py --config=config_ml1m.py --set dataset_name={name}")
 
 
 def non_negative(text: str) -> int:

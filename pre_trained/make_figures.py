@@ -4,6 +4,7 @@
   python3 pre_trained/make_figures.py calibration --checkpoint NAME=PATH.pt ... --output calibration.png
 """
 import argparse
+import gzip
 import json
 import sys
 from pathlib import Path
@@ -22,20 +23,27 @@ def named_paths(values: list[str]) -> dict[str, str]:
     return dict(value.rsplit("=", 1) for value in values)
 
 
+def read_log(path: str) -> list[dict]:
+    """The records of a log.jsonl as train_gsasrec.py writes it, or of its gzipped copy (.jsonl.gz)."""
+    text = gzip.decompress(Path(path).read_bytes()).decode() if path.endswith(".gz") else Path(path).read_text()
+    return [json.loads(line) for line in text.splitlines()]
+
+
 def learning_curves(logs: dict[str, str], output: str, target: float | None, by_steps: bool = False,
-                    test_only: bool = False, mark_picks: bool = False, y_min: float | None = None):
+                    test_only: bool = False, mark_picks: bool = False, y_min: float | None = None,
+                    val_metric: str = "nDCG@10"):
     """Validation and test nDCG@10 against training wall-clock hours (or steps), one colour per run. Test
     metrics are drawn where the log has them (a run may have been resumed without --log-test-metrics).
     test_only leaves out the validation curves (512 users, noisy), for figures comparing many runs;
-    mark_picks puts a dot on each test curve at the epoch early stopping keeps (the first highest validation
-    nDCG@10), to show what the selection costs against the curve; y_min cuts off the climb below it, to see
+    mark_picks puts a dot on each test curve at the epoch the run keeps (the first highest validation
+    val_metric), to show what the selection costs against the curve; y_min cuts off the climb below it, to see
     the differences at the top."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     figure, axis = plt.subplots(figsize=(8, 5))
     for (name, path), colour in zip(logs.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
-        records = [json.loads(line) for line in Path(path).read_text().splitlines()]
+        records = read_log(path)
         x = np.array([record["step"] if by_steps else record["time_s"] / 3600 for record in records])
         if not test_only:
             axis.plot(x, [record["val_nDCG@10"] for record in records], color=colour, alpha=0.45,
@@ -44,7 +52,7 @@ def learning_curves(logs: dict[str, str], output: str, target: float | None, by_
         if tested:
             axis.plot(x[tested], [records[index]["test_nDCG@10"] for index in tested], color=colour,
                       label=f"{name}: test")
-        pick = int(np.argmax([record["val_nDCG@10"] for record in records]))
+        pick = int(np.argmax([record[f"val_{val_metric}"] for record in records]))
         if mark_picks and "test_nDCG@10" in records[pick]:
             axis.plot([x[pick]], [records[pick]["test_nDCG@10"]], color=colour, marker="o", markersize=9,
                       markeredgecolor="black", linestyle="none", zorder=5, label=f"{name}: validation pick")
@@ -78,20 +86,22 @@ def calibration(checkpoints: dict[str, str], output: str, bins: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("figure", choices=["learning-curves", "calibration"])
-    parser.add_argument("--log", action="append", default=[], help="NAME=path/to/log.jsonl (learning curves)")
+    parser.add_argument("--log", action="append", default=[],
+                        help="NAME=path/to/log.jsonl or log.jsonl.gz (learning curves)")
     parser.add_argument("--checkpoint", action="append", default=[], help="NAME=path/to/checkpoint.pt (calibration)")
     parser.add_argument("--target", type=float, default=0.1726, help="a horizontal line on the learning curves")
     parser.add_argument("--steps", action="store_true", help="learning curves against steps, not wall-clock")
     parser.add_argument("--test-only", action="store_true", help="learning curves of test nDCG@10 alone")
     parser.add_argument("--mark-picks", action="store_true",
-                        help="a dot on each test curve where the highest validation nDCG@10 was")
+                        help="a dot on each test curve where the highest validation --val-metric was")
+    parser.add_argument("--val-metric", default="nDCG@10", help="the metric the runs selected on (for --mark-picks)")
     parser.add_argument("--y-min", type=float, help="lowest nDCG@10 shown on the learning curves")
     parser.add_argument("--bins", type=int, default=10)
     parser.add_argument("--output", required=True, help="PNG file")
     args = parser.parse_args()
     if args.figure == "learning-curves":
         learning_curves(named_paths(args.log), args.output, args.target, args.steps, args.test_only,
-                        args.mark_picks, args.y_min)
+                        args.mark_picks, args.y_min, args.val_metric)
     else:
         calibration(named_paths(args.checkpoint), args.output, args.bins)
     print(f"Saved {args.output}")

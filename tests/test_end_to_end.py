@@ -10,10 +10,10 @@ import torch
 
 from config import GSASRecExperimentConfig, GSASRecError
 from dataset_utils import dataset_directory, load_dataset
-from eval_utils import evaluate
+from eval_utils import evaluate, recommend_batched
 from tests.conftest import REPO
 from train_gsasrec import train
-from utils import load_model, model_from_checkpoint, read_checkpoint
+from utils import build_model, load_model, model_from_checkpoint, read_checkpoint
 
 TINY = dict(dataset_name="successor", sequence_length=16, embedding_dim=32, num_heads=1, num_blocks=1,
             dropout_rate=0.1, negs_per_pos=16, gbce_t=0.75, train_batch_size=32, max_batches_per_epoch=10,
@@ -215,3 +215,16 @@ def test_set_overrides_reach_the_checkpoint_and_the_run_folder_name(synthetic_da
     assert bad.stderr.strip().splitlines() == ["error: --set negs_per_position: no such config field "
                                                "(did you mean negs_per_pos?)"]
     assert sorted(path.name for path in (tmp_path / "models").iterdir()) == [run_dir.name]
+
+
+def test_lists_longer_than_the_catalogue_are_cut_to_it(synthetic_datasets_dir):
+    """config_ml1m.py's lists of 100 on a 40-item dataset: every item ranked once, nDCG@100 = nDCG@40."""
+    dataset = load_dataset(dataset_directory("successor"))
+    torch.manual_seed(0)
+    model = build_model(tiny_config(), dataset.num_items).eval()
+    recommended, _ = recommend_batched(model, dataset.test_input, 100, filter_rated=False)
+    assert recommended.shape == (len(dataset.test_target), 40)
+    assert all(sorted(row) == list(range(1, 41)) for row in recommended.tolist())
+    long_lists = evaluate(model, dataset.test_input, dataset.test_target, ["nDCG@100"], 100, filter_rated=False)
+    catalogue = evaluate(model, dataset.test_input, dataset.test_target, ["nDCG@40"], 40, filter_rated=False)
+    assert long_lists["nDCG@100"] == pytest.approx(catalogue["nDCG@40"]) and long_lists["nDCG@100"] > 0

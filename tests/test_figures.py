@@ -53,3 +53,20 @@ def test_the_validation_pick_is_marked_on_the_test_curve(tmp_path):
     assert len(marks) == 1
     assert list(marks[0].get_xdata()) == [20] and list(marks[0].get_ydata()) == [0.15]
     assert figure.axes[0].get_ylim()[0] == 0.12
+
+
+def test_gzipped_logs_and_the_runs_own_validation_metric(tmp_path):
+    """A shipped log is gzipped; the pick follows the metric the run selected on, not nDCG@10."""
+    import gzip
+    records = [{"step": 10 * (index + 1), "time_s": 1.0, "val_nDCG@10": val10, "val_nDCG@100": val100,
+                "test_nDCG@10": tested}
+               for index, (val10, val100, tested) in enumerate([(0.3, 0.1, 0.1), (0.1, 0.2, 0.2), (0.2, 0.3, 0.3)])]
+    path = tmp_path / "log.jsonl.gz"
+    path.write_bytes(gzip.compress("".join(json.dumps(record) + "\n" for record in records).encode()))
+    picks = {}
+    for metric in ("nDCG@10", "nDCG@100"):
+        figure = learning_curves({"run": str(path)}, str(tmp_path / "curves.png"), target=None, by_steps=True,
+                                 test_only=True, mark_picks=True, val_metric=metric)
+        mark, = [line for line in figure.axes[0].get_lines() if line.get_label() == "run: validation pick"]
+        picks[metric] = list(mark.get_xdata())
+    assert picks == {"nDCG@10": [10], "nDCG@100": [30]}
