@@ -57,6 +57,9 @@ class GSASRecExperimentConfig:
     # Validate, checkpoint and ship an exponential moving average of the weights, updated after every step with
     # this decay (e.g. 0.999, about the last 1,000 steps); None keeps the raw weights, as the official port.
     weight_averaging_decay: float | None = None
+    # Keep the best checkpoint on validation only from this step on (earlier epochs are validated and logged): with a
+    # schedule whose late models are its best, 512 validation users cannot tell apart the late gains (docs/training.md).
+    selection_start_step: int = 0
     # Budgets: stop after this many optimiser steps / seconds of training (None: no limit).
     max_steps: int | None = None
     max_training_time: float | None = None
@@ -88,6 +91,8 @@ class GSASRecExperimentConfig:
              "weight_averaging_decay must be in (0, 1)"),
             (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1"),
             (self.max_training_time is None or self.max_training_time > 0, "max_training_time must be > 0"),
+            (0 <= self.selection_start_step <= (self.max_steps or self.selection_start_step),
+             f"selection_start_step must be in [0, max_steps], got {self.selection_start_step}"),
         ]
         for ok, message in checks:
             if not ok:

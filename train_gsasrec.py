@@ -375,7 +375,9 @@ class Trainer:
                 log.write(json.dumps(record) + "\n")
             self.say(f"epoch {state['epoch']} step {state['step']} loss {record['train_loss']:.4f} " +
                      " ".join(f"{key} {value:.4f}" for key, value in record.items() if "@" in key) +
-                     f" | best {config.val_metric} {state['best_metric']:.4f} ({state['elapsed_seconds']:.0f}s)")
+                     (f" | best {config.val_metric} {state['best_metric']:.4f}" if state["best_checkpoint"] else
+                      f" | selection from step {config.selection_start_step}") +
+                     f" ({state['elapsed_seconds']:.0f}s)")
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
             state["finished"] = state["stopped"] = self.finished_reason()
@@ -399,6 +401,8 @@ class Trainer:
 
     def keep_if_best(self, validation: dict[str, float]) -> None:
         state = self.state
+        if state["step"] < self.config.selection_start_step:
+            return
         metric = validation[self.config.val_metric]
         if metric <= state["best_metric"]:
             state["epochs_without_improvement"] += 1
@@ -416,6 +420,8 @@ class Trainer:
     def run(self) -> dict:
         """Trains until early stopping, max_epochs, a budget or a signal; returns the final state."""
         state, config = self.state, self.config
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.state_path.is_file():
             self.load_state()
             state = self.state

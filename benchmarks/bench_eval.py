@@ -13,7 +13,7 @@ from common import benchmark_dataset, report
 from dataset_utils import Sequences
 from eval_utils import aggregate_ir_measures, evaluate
 from gsasrec import GSASRec
-from utils import build_model, load_config, model_from_checkpoint, read_checkpoint, resolve_device
+from utils import build_model, load_config, model_from_checkpoint, read_checkpoint, resolve_device, run_cli
 
 
 @torch.no_grad()
@@ -76,4 +76,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -5,7 +5,6 @@
 for machines where the official port itself was not measured."""
 import argparse
 import time
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -13,7 +12,7 @@ import torch
 from common import benchmark_dataset, report
 from gsasrec import GSASRec, gbce_beta
 from train_gsasrec import build_optimizer, training_batch, training_loss
-from utils import build_model, has_native_bf16, load_config, resolve_device
+from utils import apply_overrides, build_model, has_native_bf16, load_config, resolve_device, run_cli
 
 
 def explicit_gbce(positive: torch.Tensor, negative: torch.Tensor, beta: float) -> torch.Tensor:
@@ -37,10 +36,9 @@ def paper_way_loss(model: GSASRec, batch: torch.Tensor, negatives: torch.Tensor,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default="config_ml1m.py")
-    parser.add_argument("--negative-sampling", choices=["per_sequence", "per_position"], help="override the config")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (where the hardware has native bf16)")
-    parser.add_argument("--bf16-scores", action="store_true",
-                        help="score the catalogue for per-position negatives in bf16 (where the hardware has native bf16)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a config field, as train_gsasrec.py --set (e.g. negative_sampling=per_sequence, "
+                             "bf16=true, bf16_scores=false)")
     parser.add_argument("--paper-way", action="store_true",
                         help="the official port's way of computing the loss (about 10 GB of memory on ML-1M)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
@@ -48,9 +46,7 @@ def main() -> None:
     parser.add_argument("--device")
     parser.add_argument("--source", help="path to ml-1m.txt")
     args = parser.parse_args()
-    config = load_config(args.config)
-    config = replace(config, negative_sampling=args.negative_sampling or config.negative_sampling,
-                     bf16=args.bf16 or config.bf16, bf16_scores=args.bf16_scores or config.bf16_scores)
+    config = apply_overrides(load_config(args.config), args.set)
     device = resolve_device(args.device)
     dataset, dataset_name = benchmark_dataset(args.source)
     torch.manual_seed(0)
@@ -80,7 +76,7 @@ def main() -> None:
             seconds.append(time.perf_counter() - started)
     extra = {"peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)} if device.type == "cuda" else {}
     report(benchmark="train_step_paper_way" if args.paper_way else "train_step", dataset=dataset_name,
-           config=args.config, negative_sampling="per_position" if args.paper_way else config.negative_sampling,
+           config=args.config, overrides=args.set, negative_sampling="per_position" if args.paper_way else config.negative_sampling,
            bf16=config.bf16 and has_native_bf16(device),
            bf16_scores=config.bf16_scores and has_native_bf16(device), batch_size=config.train_batch_size,
            negs_per_pos=config.negs_per_pos,
@@ -89,4 +85,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -26,6 +26,8 @@ def test_defaults_are_the_official_ones():
     ({"training_window": "oldest"}, "training_window"),
     ({"val_metric": "MRR"}, "val_metric"),
     ({"weight_averaging_decay": 1.0}, "weight_averaging_decay"),
+    ({"max_steps": 100, "selection_start_step": 101}, "selection_start_step must be in"),
+    ({"selection_start_step": -1}, "selection_start_step must be in"),
 ])
 def test_invalid_values_are_rejected(values, message):
     with pytest.raises(GSASRecError, match=message):
@@ -62,7 +64,9 @@ def test_ml1m_configs():
     sasrec = configs["_sasrec"]
     assert (sasrec.negs_per_pos, sasrec.gbce_t, sasrec.negative_sampling) == (1, 0.0, "per_position")
     assert replace(configs[""], negs_per_pos=1, gbce_t=0.0, prior_score_init=False, lr_decay_steps=sasrec.max_steps,
-                   max_steps=sasrec.max_steps) == sasrec
+                   max_steps=sasrec.max_steps, selection_start_step=sasrec.selection_start_step) == sasrec
+    for config in (configs[""], sasrec):
+        assert 0.5 * config.max_steps < config.selection_start_step < config.max_steps == config.lr_decay_steps
 
 
 def test_the_official_checkpoint_was_trained_with_config_ml1m_official():

@@ -70,3 +70,8 @@ def test_configuration_doc_covers_every_field():
     documented = re.findall(r"^\| `(\w+)` \|", text.split("## Fields")[1].split("\n## ")[0], re.M)
     assert len(documented) == len(set(documented))
     assert set(documented) == {field.name for field in dataclasses.fields(GSASRecExperimentConfig)}
+
+
+def test_the_front_door_and_the_docs_stay_short():
+    lengths = {doc.relative_to(REPO).as_posix(): len(doc.read_text().splitlines()) for doc in DOCS}
+    assert {name: length for name, length in lengths.items() if length > 200} == {}

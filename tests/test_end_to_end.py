@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -228,3 +229,18 @@ def test_lists_longer_than_the_catalogue_are_cut_to_it(synthetic_datasets_dir):
     long_lists = evaluate(model, dataset.test_input, dataset.test_target, ["nDCG@100"], 100, filter_rated=False)
     catalogue = evaluate(model, dataset.test_input, dataset.test_target, ["nDCG@40"], 40, filter_rated=False)
     assert long_lists["nDCG@100"] == pytest.approx(catalogue["nDCG@40"]) and long_lists["nDCG@100"] > 0
+
+
+def test_selection_keeps_only_checkpoints_from_selection_start_step(synthetic_datasets_dir, tmp_path):
+    """Every epoch is validated and logged, but the best checkpoint is the best epoch at or after the start, and
+    epochs before it do not count towards early stopping."""
+    dataset = load_dataset(dataset_directory("successor"))
+    state = train(tiny_config(max_steps=100, selection_start_step=60, early_stopping_patience=2), dataset,
+                  tmp_path / "run", torch.device("cpu"), progress=False)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in log][:3] == [10, 20, 30]
+    eligible = [record for record in log if record["step"] >= 60]
+    best = max(eligible, key=lambda record: record["val_nDCG@10"])
+    assert read_checkpoint(state["best_checkpoint"])["step"] == best["step"]
+    assert state["best_metric"] == best["val_nDCG@10"]
+    assert [path.name for path in (tmp_path / "run").glob("gsasrec-*.pt")] == [Path(state["best_checkpoint"]).name]
