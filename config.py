@@ -1,4 +1,5 @@
 """Experiment configuration: one dataclass whose defaults are the official gSASRec port's."""
+import typing
 from dataclasses import dataclass, field, fields
 
 
@@ -65,6 +66,7 @@ class GSASRecExperimentConfig:
     max_training_time: float | None = None
 
     def __post_init__(self) -> None:
+        self.check_types()
         checks = [
             (self.sequence_length >= 1, "sequence_length must be >= 1"),
             (self.embedding_dim >= 1, "embedding_dim must be >= 1"),
@@ -97,6 +99,21 @@ class GSASRecExperimentConfig:
         for ok, message in checks:
             if not ok:
                 raise GSASRecError(f"invalid config: {message}")
+
+    def check_types(self) -> None:
+        """Each field holds a value of its annotated type (an int where a float is expected is fine), so a wrong
+        type is named here rather than failing later inside a comparison or the model."""
+        for name, annotation in typing.get_type_hints(type(self)).items():
+            value = getattr(self, name)
+            allowed = tuple(typing.get_origin(option) or option for option in
+                            (typing.get_args(annotation) if typing.get_origin(annotation) is not list else (list,))
+                            ) or (annotation,)
+            if float in allowed:
+                allowed += (int,)
+            if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+                names = " or ".join("None" if option is type(None) else option.__name__
+                                    for option in allowed if option is not int or float not in allowed)
+                raise GSASRecError(f"invalid config: {name} must be {names}, got {value!r}")
 
     @classmethod
     def from_dict(cls, values: dict) -> "GSASRecExperimentConfig":

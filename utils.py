@@ -2,14 +2,15 @@
 import dataclasses
 import difflib
 import functools
-import types
-import typing
 import importlib.util
 import math
 import os
 import platform
 import re
 import sys
+import traceback
+import types
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +32,14 @@ def load_config(path: str) -> GSASRecExperimentConfig:
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
-    except TypeError as error:
+    except GSASRecError as error:
         raise GSASRecError(f"{path}: {error}") from None
+    except SyntaxError as error:
+        raise GSASRecError(f"{path}, line {error.lineno}: {error.msg}") from None
+    except Exception as error:
+        lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__) if frame.filename == str(path)]
+        where = f", line {lines[-1]}" if lines else ""
+        raise GSASRecError(f"{path}{where}: {type(error).__name__}: {error}") from None
     config = getattr(module, "config", None)
     if not isinstance(config, GSASRecExperimentConfig):
         raise GSASRecError(f"{path} must define `config = GSASRecExperimentConfig(...)`")

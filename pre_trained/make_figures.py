@@ -31,12 +31,13 @@ def read_log(path: str) -> list[dict]:
 
 def learning_curves(logs: dict[str, str], output: str, target: float | None, by_steps: bool = False,
                     test_only: bool = False, mark_picks: bool = False, y_min: float | None = None,
-                    val_metric: str = "nDCG@10"):
+                    val_metric: str = "nDCG@10", pick_from_step: int = 0):
     """Validation and test nDCG@10 against training wall-clock hours (or steps), one colour per run. Test
     metrics are drawn where the log has them (a run may have been resumed without --log-test-metrics).
     test_only leaves out the validation curves (512 users, noisy), for figures comparing many runs;
     mark_picks puts a dot on each test curve at the epoch the run keeps (the first highest validation
-    val_metric), to show what the selection costs against the curve; y_min cuts off the climb below it, to see
+    val_metric from pick_from_step on, the config's selection_start_step), to show what the selection costs
+    against the curve; y_min cuts off the climb below it, to see
     the differences at the top."""
     import matplotlib
     matplotlib.use("Agg")
@@ -52,7 +53,8 @@ def learning_curves(logs: dict[str, str], output: str, target: float | None, by_
         if tested:
             axis.plot(x[tested], [records[index]["test_nDCG@10"] for index in tested], color=colour,
                       label=f"{name}: test")
-        pick = int(np.argmax([record[f"val_{val_metric}"] for record in records]))
+        pick = int(np.argmax([record[f"val_{val_metric}"] if record["step"] >= pick_from_step else -np.inf
+                              for record in records]))
         if mark_picks and "test_nDCG@10" in records[pick]:
             axis.plot([x[pick]], [records[pick]["test_nDCG@10"]], color=colour, marker="o", markersize=9,
                       markeredgecolor="black", linestyle="none", zorder=5, label=f"{name}: validation pick")
@@ -95,13 +97,15 @@ def main() -> None:
     parser.add_argument("--mark-picks", action="store_true",
                         help="a dot on each test curve where the highest validation --val-metric was")
     parser.add_argument("--val-metric", default="nDCG@10", help="the metric the runs selected on (for --mark-picks)")
+    parser.add_argument("--pick-from-step", type=int, default=0,
+                        help="the runs' selection_start_step (for --mark-picks)")
     parser.add_argument("--y-min", type=float, help="lowest nDCG@10 shown on the learning curves")
     parser.add_argument("--bins", type=int, default=10)
     parser.add_argument("--output", required=True, help="PNG file")
     args = parser.parse_args()
     if args.figure == "learning-curves":
         learning_curves(named_paths(args.log), args.output, args.target, args.steps, args.test_only,
-                        args.mark_picks, args.y_min, args.val_metric)
+                        args.mark_picks, args.y_min, args.val_metric, args.pick_from_step)
     else:
         calibration(named_paths(args.checkpoint), args.output, args.bins)
     print(f"Saved {args.output}")

@@ -112,3 +112,22 @@ def test_learning_rate_schedule():
     assert learning_rate_factor(config, 60) == pytest.approx(0.5)
     assert learning_rate_factor(config, 110) == pytest.approx(0.0) == learning_rate_factor(config, 500)
     assert learning_rate_factor(GSASRecExperimentConfig(), 12345) == 1.0
+
+
+@pytest.mark.parametrize("body, message", [
+    ("config = GSASRecExperimentConfig(\n    embedding_dim=undefined_name)", r"line 3: NameError: name 'undefined_name'"),
+    ("config = GSASRecExperimentConfig(", r"line 2: '\(' was never closed"),
+    ("import no_such_module", "line 2: ModuleNotFoundError"),
+    ("config = GSASRecExperimentConfig(embedding_dim='64')", "embedding_dim must be int, got '64'"),
+    ("config = GSASRecExperimentConfig(gbce_t='high')", "gbce_t must be float, got 'high'"),
+    ("config = GSASRecExperimentConfig(max_steps=2.5)", "max_steps must be int or None, got 2.5"),
+    ("config = GSASRecExperimentConfig(bf16=1)", "bf16 must be bool, got 1"),
+    ("config = GSASRecExperimentConfig(metrics='nDCG@10')", "metrics must be list"),
+    ("config = 3", "must define `config = GSASRecExperimentConfig"),
+])
+def test_a_broken_config_file_is_one_error_naming_the_file_and_line(tmp_path, body, message):
+    path = tmp_path / "config_broken.py"
+    path.write_text("from config import GSASRecExperimentConfig\n" + body + "\n")
+    with pytest.raises(GSASRecError, match=message) as raised:
+        load_config(str(path))
+    assert str(path) in str(raised.value) and "\n" not in str(raised.value)

@@ -56,7 +56,7 @@ def test_the_validation_pick_is_marked_on_the_test_curve(tmp_path):
 
 
 def test_gzipped_logs_and_the_runs_own_validation_metric(tmp_path):
-    """A shipped log is gzipped; the pick follows the metric the run selected on, not nDCG@10."""
+    """A shipped log is gzipped; the pick follows the metric the run selected on and its selection start."""
     import gzip
     records = [{"step": 10 * (index + 1), "time_s": 1.0, "val_nDCG@10": val10, "val_nDCG@100": val100,
                 "test_nDCG@10": tested}
@@ -70,3 +70,7 @@ def test_gzipped_logs_and_the_runs_own_validation_metric(tmp_path):
         mark, = [line for line in figure.axes[0].get_lines() if line.get_label() == "run: validation pick"]
         picks[metric] = list(mark.get_xdata())
     assert picks == {"nDCG@10": [10], "nDCG@100": [30]}
+    figure = learning_curves({"run": str(path)}, str(tmp_path / "curves.png"), target=None, by_steps=True,
+                             test_only=True, mark_picks=True, pick_from_step=20)
+    mark, = [line for line in figure.axes[0].get_lines() if line.get_label() == "run: validation pick"]
+    assert list(mark.get_xdata()) == [30]  # the best nDCG@10 from step 20 on
