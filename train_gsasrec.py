@@ -29,8 +29,8 @@ from config import GSASRecError, GSASRecExperimentConfig
 from dataset_utils import DatasetSplit, ensure_dataset, load_dataset
 from eval_utils import evaluate
 from gsasrec import GSASRec, gbce_beta, gbce_loss
-from utils import (apply_overrides, atomic_save, build_model, checkpoint_name, cpu_weights, has_native_bf16, load_config,
-                   machine_description, model_checkpoint, resolve_device, run_cli)
+from utils import (apply_overrides, atomic_save, build_model, checkpoint_name, cpu_weights, has_native_bf16,
+                   load_config, machine_description, model_checkpoint, resolve_device, run_cli)
 
 STATE_FILE = "train_state.pt"
 LOG_FILE = "log.jsonl"

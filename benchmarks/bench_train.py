@@ -76,7 +76,8 @@ def main() -> None:
             seconds.append(time.perf_counter() - started)
     extra = {"peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)} if device.type == "cuda" else {}
     report(benchmark="train_step_paper_way" if args.paper_way else "train_step", dataset=dataset_name,
-           config=args.config, overrides=args.set, negative_sampling="per_position" if args.paper_way else config.negative_sampling,
+           config=args.config, overrides=args.set,
+           negative_sampling="per_position" if args.paper_way else config.negative_sampling,
            bf16=config.bf16 and has_native_bf16(device),
            bf16_scores=config.bf16_scores and has_native_bf16(device), batch_size=config.train_batch_size,
            negs_per_pos=config.negs_per_pos,

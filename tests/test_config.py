@@ -115,7 +115,8 @@ def test_learning_rate_schedule():
 
 
 @pytest.mark.parametrize("body, message", [
-    ("config = GSASRecExperimentConfig(\n    embedding_dim=undefined_name)", r"line 3: NameError: name 'undefined_name'"),
+    ("config = GSASRecExperimentConfig(\n    embedding_dim=undefined_name)",
+     r"line 3: NameError: name 'undefined_name'"),
     ("config = GSASRecExperimentConfig(", r"line 2: '\(' was never closed"),
     ("import no_such_module", "line 2: ModuleNotFoundError"),
     ("config = GSASRecExperimentConfig(embedding_dim='64')", "embedding_dim must be int, got '64'"),
