@@ -452,6 +452,10 @@ class Trainer:
                         state["stopped"] = reason
                         self.save_state()
                         bar.close()
+                        if reason == "max_steps" and 0 < config.lr_decay_steps <= state["step"] - config.warmup_steps:
+                            self.say(f"Finished the learning-rate schedule at step {state['step']}; best checkpoint: "
+                                     f"{state['best_checkpoint']}")
+                            return state
                         how = ("rerun the same command" if reason == "interrupted" else
                                f"raise {reason} in the config and rerun the same command")
                         self.say(f"Stopped ({reason}) at step {state['step']}; {how} to continue.")

@@ -244,3 +244,12 @@ def test_selection_keeps_only_checkpoints_from_selection_start_step(synthetic_da
     assert read_checkpoint(state["best_checkpoint"])["step"] == best["step"]
     assert state["best_metric"] == best["val_nDCG@10"]
     assert [path.name for path in (tmp_path / "run").glob("gsasrec-*.pt")] == [Path(state["best_checkpoint"]).name]
+
+
+def test_a_run_at_the_end_of_its_schedule_says_it_finished(synthetic_datasets_dir, tmp_path, capsys):
+    dataset = load_dataset(dataset_directory("successor"))
+    state = train(tiny_config(max_steps=30, lr_decay_steps=30), dataset, tmp_path / "run", torch.device("cpu"),
+                  progress=False)
+    assert state["stopped"] == "max_steps"
+    assert f"Finished the learning-rate schedule at step 30; best checkpoint: {state['best_checkpoint']}" in \
+        capsys.readouterr().out
