@@ -1,4 +1,5 @@
 """Experiment configuration: one dataclass whose defaults are the official gSASRec port's."""
+import types
 import typing
 from dataclasses import dataclass, field, fields
 
@@ -105,9 +106,8 @@ class GSASRecExperimentConfig:
         type is named here rather than failing later inside a comparison or the model."""
         for name, annotation in typing.get_type_hints(type(self)).items():
             value = getattr(self, name)
-            allowed = tuple(typing.get_origin(option) or option for option in
-                            (typing.get_args(annotation) if typing.get_origin(annotation) is not list else (list,))
-                            ) or (annotation,)
+            options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+            allowed = tuple(typing.get_origin(option) or option for option in options)
             if float in allowed:
                 allowed += (int,)
             if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
