@@ -232,11 +232,17 @@ def time_order(users: np.ndarray, times: np.ndarray | None) -> np.ndarray:
     return by_time[np.argsort(users[by_time], kind="stable")]
 
 
-def build_dataset(events: Events, num_val_users: int, seed: int) -> tuple[dict, dict, dict]:
+# Validation users when --num-val-users is not given: ML-1M's 512, or a tenth of the users of a smaller dataset.
+DEFAULT_VAL_USERS = 512
+
+
+def build_dataset(events: Events, num_val_users: int | None, seed: int) -> tuple[dict, dict, dict]:
     """The split files, the stats and the id mapping tables of the filtered events."""
     user_codes, user_index = pd.factorize(events.users)
     item_codes, item_index = pd.factorize(events.items)
     num_users, num_items = len(user_index), len(item_index)
+    if num_val_users is None:
+        num_val_users = min(DEFAULT_VAL_USERS, max(1, num_users // 10))
     if not 1 <= num_val_users <= num_users:
         raise GSASRecError(f"--num-val-users must be in 1..{num_users} (the users left), got {num_val_users}")
     order = time_order(user_codes, events.times)
@@ -316,7 +322,9 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--sep", help="column separator of a text file (default: ',' for .csv, tab for .tsv/.txt)")
     parser.add_argument("--min-user-interactions", type=non_negative, default=5, help="k-core: 0 disables (default 5)")
     parser.add_argument("--min-item-interactions", type=non_negative, default=5, help="k-core: 0 disables (default 5)")
-    parser.add_argument("--num-val-users", type=int, default=512, help="validation users (default 512)")
+    parser.add_argument("--num-val-users", type=int,
+                        help=f"validation users (default {DEFAULT_VAL_USERS}, or a tenth of the users when fewer "
+                             f"than {DEFAULT_VAL_USERS * 10} are left)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the validation user draw (default 42)")
     parser.add_argument("--duplicates", choices=["keep", "drop", "error"], default="keep",
                         help="events repeating a (user, item, time): keep them all (default), keep the first, or stop")
@@ -340,7 +348,9 @@ def main() -> None:
           f"{dropped['dropped_users_too_short']} more with fewer than {MIN_EVENTS_TO_SPLIT} events), "
           f"items: {stats['num_items']} ({dropped['dropped_items']} dropped), "
           f"interactions: {stats['num_interactions']} ({duplicates} duplicates dropped), "
-          f"validation users: {stats['num_val_users']}")
+          f"validation users: {stats['num_val_users']}" +
+          (" (a tenth of the users: pass --num-val-users to choose)" if args.num_val_users is None and
+           stats["num_val_users"] < DEFAULT_VAL_USERS else ""))
     print(f"Dataset written to {directory}")
     print(next_steps(directory))
 

@@ -205,8 +205,12 @@ def test_prepared_log_trains_and_evaluates_from_the_command_line(tmp_path):
     environment = {**os.environ, "GSASREC_DATASETS_DIR": str(tmp_path / "datasets")}
     prepared = run_script(str(SCRIPT), "--input", str(tmp_path / "ratings.csv"), "--name", "tinyml",
                           "--user-col", "userId", "--item-col", "movieId", "--time-col", "timestamp",
-                          "--num-val-users", "32", env=environment)
+                          env=environment)
     assert prepared.returncode == 0, prepared.stderr
+    # 120 users: a tenth of them validate instead of the 512 of ML-1M (user 120 cannot be drawn, as in ML-1M).
+    stats = json.loads((tmp_path / "datasets" / "tinyml" / "dataset_stats.json").read_text())
+    assert stats["num_val_users"] in (11, 12)
+    assert f"validation users: {stats['num_val_users']} (a tenth of the users" in prepared.stdout
     # The printed next step, run as printed (shortened to 20 steps): the ML-1M recipe on the new dataset.
     environment_setting, *printed = prepared.stdout.strip().splitlines()[-1].split()
     assert environment_setting == f"GSASREC_DATASETS_DIR={tmp_path / 'datasets'}"
