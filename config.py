@@ -54,7 +54,7 @@ class GSASRecExperimentConfig:
     # where it would be emulated and many times slower, training stays in float32.
     bf16: bool = False
     # Per-position negatives with many k score the whole catalogue: do that product in bf16 where the hardware
-    # has native bf16 (2x faster a step on an AMX CPU; the loss agrees with float32's to about 1e-3).
+    # has native bf16 (0.35 s a step instead of 0.41 s on an AMX CPU; loss and gradients within 1% of float32's).
     bf16_scores: bool = False
     # Validate, checkpoint and ship an exponential moving average of the weights, updated after every step with
     # this decay (e.g. 0.999, about the last 1,000 steps); None keeps the raw weights, as the official port.
