@@ -87,7 +87,7 @@ class SampledCatalogueScores(torch.autograd.Function):
     def backward(ctx, grad_scores: torch.Tensor):
         hidden_blocks, table, negative_blocks = ctx.saved_tensors
         count = grad_scores.shape[0]
-        grad_blocks = F.pad(grad_scores, (0, 0, 0, hidden_blocks.numel() // hidden_blocks.shape[-1] - count))
+        grad_blocks = F.pad(grad_scores, (0, 0, 0, len(hidden_blocks) * CATALOGUE_BLOCK_ROWS - count))
         table_low = table.to(hidden_blocks.dtype)
         grad_hidden, grad_table = [], torch.zeros(table.shape, dtype=torch.float32, device=table.device)
         for block, block_negatives, block_grad in zip(hidden_blocks, negative_blocks,

@@ -211,7 +211,6 @@ def official_checkpoint(official_state: dict, config: GSASRecExperimentConfig, p
     model_state = rename_parameters(official_state, to_official=False)
     num_items = model_state["item_embedding.weight"].shape[0] - 2
     expected = build_model(config, num_items).state_dict()
-    official_names = lambda names: ", ".join(rename_parameters(dict.fromkeys(names), to_official=True))  # noqa: E731
     missing, unexpected = sorted(set(expected) - set(model_state)), sorted(set(model_state) - set(expected))
     if missing or unexpected:
         raise GSASRecError(f"{path} does not fit the config: " + "; ".join(
@@ -223,6 +222,11 @@ def official_checkpoint(official_state: dict, config: GSASRecExperimentConfig, p
                                f"{tuple(model_state[name].shape)} in the checkpoint, {tuple(value.shape)} for it")
     return {"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(config), "num_items": num_items,
             "model_state": model_state}
+
+
+def official_names(names: list[str]) -> str:
+    """Our parameter names as the official port spells them, for messages."""
+    return ", ".join(rename_parameters(dict.fromkeys(names), to_official=True))
 
 
 def write_official_checkpoint(checkpoint: dict, path: str) -> None:
