@@ -83,6 +83,7 @@ class GSASRecExperimentConfig:
             (self.early_stopping_patience >= 1, "early_stopping_patience must be >= 1"),
             (self.recommendation_limit >= 1, "recommendation_limit must be >= 1"),
             (self.val_metric in self.metrics, f"val_metric {self.val_metric!r} must be one of metrics {self.metrics}"),
+            *self.metric_checks(),
             (self.negative_sampling in NEGATIVE_SAMPLING_MODES,
              f"negative_sampling must be one of {NEGATIVE_SAMPLING_MODES}, got {self.negative_sampling!r}"),
             (self.training_window in TRAINING_WINDOWS,
@@ -100,6 +101,11 @@ class GSASRecExperimentConfig:
         for ok, message in checks:
             if not ok:
                 raise GSASRecError(f"invalid config: {message}")
+
+    def metric_checks(self) -> list[tuple[bool, str]]:
+        """The metrics' problems (eval_utils.metric_problems), found here before any training."""
+        from eval_utils import metric_problems
+        return [(False, problem) for problem in metric_problems(self.metrics, self.recommendation_limit)]
 
     def check_types(self) -> None:
         """Each field holds a value of its annotated type (an int where a float is expected is fine), so a wrong

@@ -298,6 +298,8 @@ def load_dataset(directory: Path) -> DatasetSplit:
         raise GSASRecError(f"{stats_path} not found: is {directory} a prepared dataset?") from None
     except (ValueError, KeyError, TypeError):
         raise GSASRecError(f"{stats_path}: expected JSON with an integer 'num_items'") from None
+    if num_items < 1:
+        raise GSASRecError(f"{stats_path}: num_items must be at least 1, got {num_items}")
     files = {}
     for name in SPLIT_FILES:
         path = directory / name
@@ -308,6 +310,8 @@ def load_dataset(directory: Path) -> DatasetSplit:
         inputs, targets = len(files[f"{stage}/input.txt"]), len(files[f"{stage}/output.txt"])
         if inputs != targets:
             raise GSASRecError(f"{directory / stage}: input.txt has {inputs} lines but output.txt has {targets}")
+        if not inputs:
+            raise GSASRecError(f"{directory / stage}: no users; validation and test need at least one each")
     return DatasetSplit(files["train/input.txt"], files["val/input.txt"], files["val/output.txt"],
                         files["test/input.txt"], files["test/output.txt"], num_items)
 

@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from config import GSASRecError
 from dataset_utils import Sequences
 from gsasrec import GSASRec
 
@@ -93,9 +94,28 @@ def aggregate_ir_measures(metrics: list[str], qrels, run) -> dict[str, float]:
     return {name: float(values.get(ir_measures.parse_measure(name), 0.0)) for name in metrics}
 
 
+def metric_problems(metrics: list, limit: int) -> list[str]:
+    """What is wrong with metric names for lists of `limit` items: names ir_measures does not know, and cutoffs
+    past the lists (R@50 over 10 items would silently score R@10)."""
+    problems = []
+    for name in metrics:
+        try:
+            cutoff = ir_measures.parse_measure(name).params.get("cutoff")
+        except (NameError, ValueError, SyntaxError, TypeError, AttributeError):
+            problems.append(f"metric {name!r} is not an ir_measures measure (e.g. nDCG@10, R@10, RR@10)")
+            continue
+        if cutoff is not None and cutoff > limit:
+            problems.append(f"metric {name} needs lists of {cutoff} items: raise recommendation_limit ({limit}) "
+                            f"to at least {cutoff}")
+    return problems
+
+
 def evaluate(model: GSASRec, inputs: Sequences, targets: np.ndarray, metrics: list[str], limit: int,
              filter_rated: bool = True, batch_size: int = 512) -> dict[str, float]:
     """Full-catalogue top-`limit` lists for the inputs, scored against one target item each."""
+    problems = metric_problems(metrics, limit)
+    if problems:
+        raise GSASRecError("; ".join(problems))
     recommended, _ = recommend_batched(model, inputs, limit, filter_rated, batch_size)
     return ranking_metrics(recommended, targets, metrics)
 

@@ -4,15 +4,14 @@ The checkpoint carries its config, so --config is optional; when given, it must 
 port's checkpoints (bare state dicts) carry none and need --config; --write-official writes any checkpoint in
 that format, for the official port's own evaluation script.
 """
-import argparse
 import json
 import time
 from pathlib import Path
 
 from dataset_utils import ensure_dataset, load_dataset
 from eval_utils import plot_reliability_diagrams, ranking_metrics, recommend_batched, top1_calibration
-from utils import (load_config, model_from_checkpoint, read_checkpoint, resolve_device, run_cli,
-                   write_official_checkpoint)
+from utils import (CommandLineParser, load_config, model_from_checkpoint, output_file, positive_int,
+                   read_checkpoint, resolve_device, run_cli, write_official_checkpoint)
 
 
 def print_calibration(report: dict) -> None:
@@ -25,7 +24,7 @@ def print_calibration(report: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandLineParser(__doc__)
     parser.add_argument("checkpoint_path", nargs="?", help="checkpoint file (same as --checkpoint)")
     parser.add_argument("--checkpoint", help="checkpoint file written by train_gsasrec.py")
     parser.add_argument("--config", help="config file; optional, the checkpoint holds its own")
@@ -36,7 +35,7 @@ def main() -> None:
     parser.add_argument("--calibration", action="store_true",
                         help="report how calibrated sigmoid(top-1 score) is: mean predicted probability vs R@1, "
                              "overconfidence factor, expected calibration error")
-    parser.add_argument("--bins", type=int, default=10, help="equal-mass bins for the calibration error (default 10)")
+    parser.add_argument("--bins", type=positive_int, default=10, help="equal-mass bins for the calibration error (default 10)")
     parser.add_argument("--plot", help="with --calibration: save the reliability diagram to this PNG")
     parser.add_argument("--write-official", metavar="PATH",
                         help="instead of evaluating, write the weights as the official port's bare state dict")
@@ -46,10 +45,12 @@ def main() -> None:
     checkpoint_path = args.checkpoint or args.checkpoint_path
     if not checkpoint_path:
         parser.error("give a checkpoint: --checkpoint PATH (or PATH)")
+    outputs = {flag: output_file(getattr(args, flag[2:].replace("-", "_")), flag)
+               for flag in ("--output", "--plot", "--write-official")}
     config = load_config(args.config) if args.config else None
     checkpoint = read_checkpoint(checkpoint_path, config)
-    if args.write_official:
-        write_official_checkpoint(checkpoint, args.write_official)
+    if outputs["--write-official"]:
+        write_official_checkpoint(checkpoint, outputs["--write-official"])
         print(f"Wrote {args.write_official} (official-port format: evaluate it with its config)")
         return
     dataset_name = (config.dataset_name if config else checkpoint["config"]["dataset_name"])
@@ -75,11 +76,11 @@ def main() -> None:
     if args.calibration:
         result["calibration"] = top1_calibration(recommended, scores, targets, args.bins)
         print_calibration(result["calibration"])
-        if args.plot:
-            plot_reliability_diagrams({Path(checkpoint_path).name[:40]: result["calibration"]}, args.plot)
-            print(f"Reliability diagram saved to {args.plot}")
-    if args.output:
-        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+        if outputs["--plot"]:
+            plot_reliability_diagrams({Path(checkpoint_path).name[:40]: result["calibration"]}, outputs["--plot"])
+            print(f"Reliability diagram saved to {outputs['--plot']}")
+    if outputs["--output"]:
+        outputs["--output"].write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -164,6 +164,8 @@ class GSASRec(nn.Module):
                  num_blocks: int = 3, dropout_rate: float = 0.0, reuse_item_embeddings: bool = False,
                  embedding_init_std: float | None = None, initial_score: float | None = None):
         super().__init__()
+        if num_items < 1:
+            raise ValueError(f"num_items must be at least 1, got {num_items}")
         self.num_items = num_items
         self.padding_id = num_items + 1
         self.sequence_length = sequence_length

@@ -4,7 +4,6 @@ Resumable: the run folder holds the latest training state (written atomically af
 Ctrl-C / SIGTERM and when a budget runs out), the best checkpoint and a JSONL log. Rerunning the same
 command continues where it stopped, with the same numbers an uninterrupted run gives.
 """
-import argparse
 import hashlib
 import json
 import math
@@ -29,10 +28,12 @@ from config import GSASRecError, GSASRecExperimentConfig
 from dataset_utils import DatasetSplit, ensure_dataset, load_dataset
 from eval_utils import evaluate
 from gsasrec import GSASRec, gbce_beta, gbce_loss
-from utils import (apply_overrides, atomic_save, build_model, checkpoint_name, cpu_weights, has_native_bf16,
-                   load_config, machine_description, model_checkpoint, resolve_device, run_cli)
+from utils import (CommandLineParser, apply_overrides, atomic_save, atomic_write, build_model, checkpoint_name,
+                   cpu_weights, has_native_bf16, load_config, machine_description, model_checkpoint, resolve_device,
+                   run_cli)
 
 STATE_FILE = "train_state.pt"
+STATE_KEYS = ("config", "model_state", "optimizer_state", "scheduler_state", "progress", "rng_states")
 LOG_FILE = "log.jsonl"
 # Fields a resumed run may change: they bound the run but do not change what one step computes.
 BUDGET_FIELDS = {"max_epochs", "max_steps", "max_training_time", "early_stopping_patience"}
@@ -248,6 +249,8 @@ class Trainer:
         self.objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda"
                                                  else None) if world_size > 1 else objective
         self.trainable_rows = np.flatnonzero(dataset.train.lengths >= 2)
+        if not len(self.trainable_rows):
+            raise GSASRecError("no training sequence has 2 or more items: there is nothing to learn from")
         self.sampler = DistributedSampler(range(len(self.trainable_rows)), num_replicas=world_size, rank=rank,
                                           shuffle=True, seed=config.seed)
         self.batches_per_epoch = min(config.max_batches_per_epoch,
@@ -289,8 +292,21 @@ class Trainer:
                                          progress=self.state, training=self.training_record(), **raw_weights),
                         self.state_path)
 
+    def read_state(self) -> dict:
+        """The saved training state, or a one-line error when the file is not one."""
+        try:
+            saved = torch.load(self.state_path, map_location="cpu", weights_only=False)
+        except Exception as error:
+            raise GSASRecError(f"{self.state_path} is unreadable ({type(error).__name__}); start over with --fresh "
+                               "or pass another --run-dir") from None
+        missing = [key for key in STATE_KEYS if not isinstance(saved, dict) or key not in saved]
+        if missing:
+            raise GSASRecError(f"{self.state_path} is not a training state (no {', '.join(missing)}); start over "
+                               "with --fresh or pass another --run-dir")
+        return saved
+
     def load_state(self) -> None:
-        saved = torch.load(self.state_path, map_location="cpu", weights_only=False)
+        saved = self.read_state()
         if comparable(GSASRecExperimentConfig.from_dict(saved["config"])) != comparable(self.config):
             raise GSASRecError(f"{self.run_dir} holds a run with a different config; pass --run-dir to start a "
                                "new run elsewhere or --fresh to overwrite it")
@@ -319,6 +335,19 @@ class Trainer:
             self.say(f"The run was saved {where}: random streams restart from the seed and the step")
             torch.manual_seed(self.config.seed + self.rank + self.state["step"])
             self.generator.manual_seed(self.config.seed + self.rank + self.state["step"])
+        if self.rank == 0:
+            self.drop_unsaved_records()
+
+    def drop_unsaved_records(self) -> None:
+        """Log records after the saved state's step go: a run killed between logging an epoch and saving its
+        state redoes that epoch, which would otherwise be logged twice."""
+        path = self.run_dir / LOG_FILE
+        if not path.is_file():
+            return
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if json.loads(line)["step"] <= self.state["step"]]
+        if len(kept) < len(lines):
+            atomic_write(path, lambda temporary: temporary.write_text("".join(kept)))
 
     def tick(self) -> None:
         """Adds the wall-clock time since the last tick to the run's elapsed time."""
@@ -422,6 +451,8 @@ class Trainer:
         state, config = self.state, self.config
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            for unfinished in self.run_dir.glob(".*.tmp"):  # a write that a killed process did not finish
+                unfinished.unlink()
         if self.state_path.is_file():
             self.load_state()
             state = self.state
@@ -504,7 +535,7 @@ def weights_digest(model: nn.Module) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandLineParser(__doc__)
     parser.add_argument("--config", required=True, help="config file defining `config = GSASRecExperimentConfig(...)`")
     parser.add_argument("--run-dir", help="folder for the state, log and best checkpoint (default: "
                                           "models/<config file name>, followed by -FIELD=VALUE for each --set "
@@ -528,13 +559,14 @@ def main() -> None:
         config = replace(config, seed=args.seed)
         default_run_name += f"-seed{args.seed}"
     run_dir = Path(args.run_dir or Path("models") / default_run_name)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise GSASRecError(f"--run-dir {run_dir} is a file; a run folder holds the state, log and checkpoints")
     rank, world_size, device = init_distributed(args.device)
     if rank == 0:
         if args.fresh:
             for path in [run_dir / STATE_FILE, run_dir / LOG_FILE, *run_dir.glob("gsasrec-*.pt")]:
                 path.unlink(missing_ok=True)
         ensure_dataset(config.dataset_name, args.source)
-        run_dir.mkdir(parents=True, exist_ok=True)
     if world_size > 1:
         dist.barrier()
     dataset = load_dataset(ensure_dataset(config.dataset_name, args.source))

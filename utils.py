@@ -1,4 +1,5 @@
-"""Config files, model building, devices and self-describing checkpoints."""
+"""Config files, model building, devices, self-describing checkpoints and the scripts' command lines."""
+import argparse
 import dataclasses
 import difflib
 import functools
@@ -98,7 +99,10 @@ def resolve_device(name: str | None = None) -> torch.device:
     if name:
         if name.startswith("cuda") and not torch.cuda.is_available():
             raise GSASRecError(f"device {name!r} requested but CUDA is not available")
-        return torch.device(name)
+        try:
+            return torch.device(name)
+        except RuntimeError:
+            raise GSASRecError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -136,13 +140,19 @@ def checkpoint_name(config: GSASRecExperimentConfig, step: int, metric_value: fl
             f"-emb:{config.embedding_dim}-dropout:{config.dropout_rate}-metric:{metric_value}.pt")
 
 
-def atomic_save(payload: dict, path: Path) -> None:
-    """torch.save to a temporary file, then rename: an interruption never leaves a broken file."""
+def atomic_write(path: Path, write: typing.Callable[[Path], None]) -> None:
+    """write(temporary path) in the same folder, then rename over path: a process killed at any moment leaves
+    the old file or the new one, never a broken one (only a hidden .NAME.tmp, which a resumed run removes)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, temporary)
+    write(temporary)
     os.replace(temporary, path)
+
+
+def atomic_save(payload: dict, path: Path) -> None:
+    """torch.save through atomic_write."""
+    atomic_write(path, lambda temporary: torch.save(payload, temporary))
 
 
 def cpu_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -195,6 +205,9 @@ def read_checkpoint(path: str, config: GSASRecExperimentConfig | None = None) ->
     except Exception as error:
         raise GSASRecError(f"{path} is not a readable checkpoint ({type(error).__name__}: {error})") from None
     if isinstance(checkpoint, dict) and checkpoint.get("format") == CHECKPOINT_FORMAT:
+        missing = [key for key in ("config", "num_items", "model_state") if key not in checkpoint]
+        if missing:
+            raise GSASRecError(f"{path} is a damaged checkpoint: it has no {', '.join(missing)}")
         return checkpoint
     if isinstance(checkpoint, dict) and "item_embedding.weight" in checkpoint and any(
             name.startswith("transformer_blocks.") for name in checkpoint):
@@ -206,27 +219,27 @@ def read_checkpoint(path: str, config: GSASRecExperimentConfig | None = None) ->
 
 
 def official_checkpoint(official_state: dict, config: GSASRecExperimentConfig, path: Path) -> dict:
-    """An official-port state dict as this repository's checkpoint, after checking its tensors against the
-    model the config builds (the item count comes from the embedding table)."""
+    """An official-port state dict as this repository's checkpoint (the item count comes from the embedding
+    table); its tensors are checked against the config's model when the model is built."""
     model_state = rename_parameters(official_state, to_official=False)
     num_items = model_state["item_embedding.weight"].shape[0] - 2
-    expected = build_model(config, num_items).state_dict()
+    return {"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(config), "num_items": num_items,
+            "model_state": model_state, "official": True}
+
+
+def check_tensors(model_state: dict, expected: dict, what: str, official: bool) -> None:
+    """Names and shapes of a checkpoint's tensors against the model built for it, in one line naming the first
+    differences (under the official port's names for its checkpoints), instead of load_state_dict's report."""
+    def named(names: list[str]) -> str:
+        return ", ".join(rename_parameters(dict.fromkeys(names), to_official=True) if official else names)
     missing, unexpected = sorted(set(expected) - set(model_state)), sorted(set(model_state) - set(expected))
     if missing or unexpected:
-        raise GSASRecError(f"{path} does not fit the config: " + "; ".join(
-            ([f"missing {official_names(missing[:3])}"] if missing else []) +
-            ([f"unexpected {official_names(unexpected[:3])}"] if unexpected else [])))
+        raise GSASRecError(f"{what}: " + "; ".join(([f"missing {named(missing[:3])}"] if missing else []) +
+                                                   ([f"unexpected {named(unexpected[:3])}"] if unexpected else [])))
     for name, value in expected.items():
         if value.shape != model_state[name].shape:
-            raise GSASRecError(f"{path} does not fit the config: {official_names([name])} is "
-                               f"{tuple(model_state[name].shape)} in the checkpoint, {tuple(value.shape)} for it")
-    return {"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(config), "num_items": num_items,
-            "model_state": model_state}
-
-
-def official_names(names: list[str]) -> str:
-    """Our parameter names as the official port spells them, for messages."""
-    return ", ".join(rename_parameters(dict.fromkeys(names), to_official=True))
+            raise GSASRecError(f"{what}: {named([name])} is {tuple(model_state[name].shape)} in the checkpoint, "
+                               f"{tuple(value.shape)} for it")
 
 
 def write_official_checkpoint(checkpoint: dict, path: str) -> None:
@@ -247,8 +260,12 @@ def model_from_checkpoint(checkpoint: dict, config: GSASRecExperimentConfig | No
             raise GSASRecError(f"{path} does not fit the config: " + ", ".join(
                 f"{name}={getattr(saved_config, name)} in the checkpoint, {getattr(config, name)} in the config"
                 for name in different))
+    official = checkpoint.get("official", False)
     config = config or saved_config
     model = build_model(config, checkpoint["num_items"])
+    # Our checkpoints' architecture was compared above, so a tensor that does not fit means a damaged file.
+    check_tensors(checkpoint["model_state"], model.state_dict(),
+                  f"{path} does not fit the config" if official else f"{path} is damaged", official)
     model.load_state_dict(checkpoint["model_state"])
     return model, config
 
@@ -264,14 +281,18 @@ def load_model(checkpoint_path: str, device: str | None = None, config: GSASRecE
 def recommend_batch(model: GSASRec, histories: list[list[int]], k: int = 10,
                     exclude_seen: bool = True) -> list[list[tuple[int, float]]]:
     """Top-k (item_id, score) for each history (item ids, oldest first), in one batched forward pass."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise GSASRecError(f"k must be a whole number >= 1, got {k!r}")
+    try:
+        histories = [history_ids(history, model.num_items) for history in histories]
+    except TypeError:
+        raise GSASRecError(f"histories must be a list of histories (lists of item ids), got {histories!r}") from None
+    if not histories:
+        return []
     device = next(model.parameters()).device
-    all_items = [item for history in histories for item in history]
-    if any(not 1 <= item <= model.num_items for item in all_items):
-        raise GSASRecError(f"history item ids must lie in 1..{model.num_items}")
     lengths = np.array([len(history) for history in histories], dtype=np.int64)
-    sequences = Sequences(np.array(all_items, dtype=np.int64), offsets_from_lengths(lengths))
-    longest = max(int(lengths.max(initial=0)), 1)
-    padded = torch.from_numpy(sequences.windows(np.arange(len(histories)), longest, model.padding_id))
+    sequences = Sequences(np.concatenate(histories), offsets_from_lengths(lengths))
+    padded = torch.from_numpy(sequences.windows(np.arange(len(histories)), int(lengths.max()), model.padding_id))
     was_training = model.training
     model.eval()
     items, scores = model.get_predictions(padded[:, -model.sequence_length:].to(device), min(k, model.num_items),
@@ -281,10 +302,54 @@ def recommend_batch(model: GSASRec, histories: list[list[int]], k: int = 10,
             for row_items, row_scores in zip(items.tolist(), scores.tolist())]
 
 
+def history_ids(history, num_items: int) -> np.ndarray:
+    """A user's history as an int64 array, refusing what is not a non-empty list of item ids in 1..num_items."""
+    try:
+        ids = np.asarray(history)
+    except ValueError:
+        ids = np.asarray(None)
+    if ids.ndim != 1 or not len(ids):
+        raise GSASRecError(f"a history is a non-empty list of item ids, got {str(history)[:60]}")
+    if ids.dtype.kind not in "iu" or not ((ids >= 1) & (ids <= num_items)).all():
+        raise GSASRecError(f"history item ids must be whole numbers in 1..{num_items}, got {str(history)[:60]}")
+    return ids.astype(np.int64)
+
+
 def recommend(model: GSASRec, history: list[int], k: int = 10, exclude_seen: bool = True) -> list[tuple[int, float]]:
     """Top-k (item_id, score) after a history of item ids (oldest first); scores are logits, sigmoid(score)
     is the predicted probability the item is next."""
     return recommend_batch(model, [history], k, exclude_seen)[0]
+
+
+class CommandLineParser(argparse.ArgumentParser):
+    """argparse for the scripts: the module docstring as help, and a bad flag reported like every other input
+    problem (one 'error: ...' line, exit status 2) instead of argparse's usage block."""
+
+    def __init__(self, description: str):
+        super().__init__(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def error(self, message: str):
+        raise GSASRecError(f"{message} (see {self.prog} --help)")
+
+
+def output_file(path: str | None, flag: str) -> Path | None:
+    """A file a script will write, checked before any work: its folder must exist and it must not be a folder."""
+    if path is None:
+        return None
+    path = Path(path)
+    if path.is_dir():
+        raise GSASRecError(f"{flag} {path}: is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise GSASRecError(f"{flag} {path}: the folder {path.parent} does not exist")
+    return path
+
+
+def positive_int(text: str) -> int:
+    """An argparse type for counts that must be at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def run_cli(main) -> None:

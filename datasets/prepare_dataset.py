@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from config import GSASRecError  # noqa: E402
 from dataset_utils import (DATASETS_DIR, DATASETS_DIR_ENV, dataset_directory, sequences_from_pairs,  # noqa: E402
                            split_sequences, validation_user_mask, write_split)
-from utils import run_cli  # noqa: E402
+from utils import CommandLineParser, run_cli  # noqa: E402
 
 MIN_EVENTS_TO_SPLIT = 3
 SEPARATORS = {".csv": ",", ".tsv": "\t", ".txt": "\t"}
@@ -311,7 +311,7 @@ def non_negative(text: str) -> int:
 
 
 def parse_arguments() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandLineParser(__doc__)
     parser.add_argument("--input", required=True, help="the log: .csv, .tsv, .txt or .parquet (.gz etc. ok)")
     parser.add_argument("--name", required=True, help="dataset name, the config's dataset_name")
     parser.add_argument("--output-dir", help="where to write it (default: datasets/NAME or $GSASREC_DATASETS_DIR/NAME)")

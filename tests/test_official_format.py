@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from config import GSASRecError
-from tests.conftest import REPO
 from tests.test_end_to_end import run_script, tiny_config, write_config
-from utils import atomic_save, build_model, model_checkpoint, read_checkpoint, rename_parameters
+from utils import atomic_save, build_model, load_model, model_checkpoint, read_checkpoint, rename_parameters
 
 # The official port's parameter names for two blocks, as REFERENCE.md documents them.
 DOCUMENTED = {"item_embedding.weight", "position_embedding.weight", "output_embedding.weight", "seq_norm.weight",
@@ -74,7 +73,7 @@ def test_written_official_checkpoint_is_a_bare_state_dict_of_the_same_tensors(tr
 def test_an_official_checkpoint_that_does_not_fit_its_config_is_named(trained_weights, change, message):
     config, _, official, _ = trained_weights
     with pytest.raises(GSASRecError, match=message):
-        read_checkpoint(str(official), None if change is None else replace(config, **change))
+        load_model(str(official), "cpu", None if change is None else replace(config, **change))
 
 
 def test_an_official_checkpoint_for_another_item_count_is_refused_in_one_line(trained_weights, tmp_path):
