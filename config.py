@@ -1,7 +1,7 @@
 """Experiment configuration: one dataclass whose defaults are the official gSASRec port's."""
 import types
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 
 class GSASRecError(Exception):
@@ -12,8 +12,9 @@ NEGATIVE_SAMPLING_MODES = ("per_position", "per_sequence")
 TRAINING_WINDOWS = ("latest", "random")
 
 
-@dataclass
+@dataclass(frozen=True)
 class GSASRecExperimentConfig:
+    """Frozen: a variant is dataclasses.replace(config, field=value), which validates it again."""
     dataset_name: str = "ml1m"
     sequence_length: int = 200
     embedding_dim: int = 256
@@ -24,7 +25,7 @@ class GSASRecExperimentConfig:
     negs_per_pos: int = 256
     max_epochs: int = 10000
     max_batches_per_epoch: int = 100
-    metrics: list = field(default_factory=lambda: ["nDCG@10", "R@1", "R@10"])
+    metrics: tuple = ("nDCG@10", "R@1", "R@10")
     val_metric: str = "nDCG@10"
     early_stopping_patience: int = 200
     gbce_t: float = 0.75
@@ -67,6 +68,8 @@ class GSASRecExperimentConfig:
     max_training_time: float | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.metrics, list):  # as config files and --set give them
+            object.__setattr__(self, "metrics", tuple(self.metrics))
         self.check_types()
         checks = [
             (self.sequence_length >= 1, "sequence_length must be >= 1"),

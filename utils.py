@@ -19,6 +19,7 @@ import torch
 
 from config import GSASRecError, GSASRecExperimentConfig
 from dataset_utils import Sequences, offsets_from_lengths
+from eval_utils import recommend_batched
 from gsasrec import GSASRec
 
 CHECKPOINT_FORMAT = "gsasrec-pytorch-checkpoint-1"
@@ -289,15 +290,9 @@ def recommend_batch(model: GSASRec, histories: list[list[int]], k: int = 10,
         raise GSASRecError(f"histories must be a list of histories (lists of item ids), got {histories!r}") from None
     if not histories:
         return []
-    device = next(model.parameters()).device
     lengths = np.array([len(history) for history in histories], dtype=np.int64)
     sequences = Sequences(np.concatenate(histories), offsets_from_lengths(lengths))
-    padded = torch.from_numpy(sequences.windows(np.arange(len(histories)), int(lengths.max()), model.padding_id))
-    was_training = model.training
-    model.eval()
-    items, scores = model.get_predictions(padded[:, -model.sequence_length:].to(device), min(k, model.num_items),
-                                          padded.to(device) if exclude_seen else None)
-    model.train(was_training)
+    items, scores = recommend_batched(model, sequences, k, filter_rated=exclude_seen)
     return [[(int(item), float(score)) for item, score in zip(row_items, row_scores) if score > float("-inf")]
             for row_items, row_scores in zip(items.tolist(), scores.tolist())]
 

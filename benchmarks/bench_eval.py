@@ -10,32 +10,9 @@ import numpy as np
 import torch
 
 from common import benchmark_dataset, report
-from dataset_utils import Sequences
-from eval_utils import aggregate_ir_measures, evaluate
-from gsasrec import GSASRec
+from eval_utils import evaluate
+from paper_way import paper_way_evaluate
 from utils import build_model, load_config, model_from_checkpoint, read_checkpoint, resolve_device, run_cli
-
-
-@torch.no_grad()
-def paper_way_evaluate(model: GSASRec, inputs: Sequences, targets: np.ndarray, metrics: list[str], limit: int,
-                       batch_size: int) -> dict[str, float]:
-    """Full padded forward passes, then per-user Python loops over rated items, recommendations and qrels."""
-    device = next(model.parameters()).device
-    windows = inputs.windows(np.arange(len(inputs)), model.sequence_length, model.padding_id)
-    run, qrels = {}, {}
-    for start in range(0, len(inputs), batch_size):
-        batch = torch.from_numpy(windows[start:start + batch_size].astype(np.int64)).to(device)
-        scores = model(batch)[:, -1] @ model.output_item_embeddings.T
-        scores[:, [0, model.padding_id]] = float("-inf")
-        for row in range(len(batch)):
-            for item in inputs.items[inputs.offsets[start + row]:inputs.offsets[start + row + 1]]:
-                scores[row, int(item)] = float("-inf")
-        top_scores, top_items = scores.topk(limit, dim=1)
-        for row in range(len(batch)):
-            user = str(start + row)
-            qrels[user] = {str(int(targets[start + row])): 1}
-            run[user] = {str(int(item)): float(score) for item, score in zip(top_items[row], top_scores[row])}
-    return aggregate_ir_measures(metrics, qrels, run)
 
 
 def main() -> None:

@@ -10,27 +10,10 @@ import numpy as np
 import torch
 
 from common import benchmark_dataset, report
-from gsasrec import GSASRec, gbce_beta
+from gsasrec import gbce_beta
+from paper_way import paper_way_loss
 from train_gsasrec import build_optimizer, training_batch, training_loss
 from utils import apply_overrides, build_model, has_native_bf16, load_config, resolve_device, run_cli
-
-
-def explicit_gbce(positive: torch.Tensor, negative: torch.Tensor, beta: float) -> torch.Tensor:
-    """The paper's gBCE (Eq. 11), term by term, in float64: positive (n,), negative (n, k)."""
-    positive, negative = positive.double(), negative.double()
-    terms = torch.log(torch.sigmoid(positive) ** beta) + torch.log(1 - torch.sigmoid(negative)).sum(-1)
-    return (-terms / (negative.shape[-1] + 1)).mean()
-
-
-def paper_way_loss(model: GSASRec, batch: torch.Tensor, negatives: torch.Tensor, beta: float) -> torch.Tensor:
-    """gBCE the slow way, on given negatives (batch, width - 1, k): the embeddings of each position's positive and
-    k negatives gathered, scored by a batched dot product, the explicit formula over non-padded positions."""
-    input, labels = batch[:, :-1], batch[:, 1:]
-    hidden = model(input)
-    candidates = model.output_item_embeddings[torch.cat([labels.unsqueeze(-1), negatives], dim=-1)]
-    scores = torch.einsum("ble,blke->blk", hidden, candidates)
-    is_target = input != model.padding_id
-    return explicit_gbce(scores[..., 0][is_target], scores[..., 1:][is_target], beta)
 
 
 def main() -> None:

@@ -1,5 +1,7 @@
-"""Shared fixtures: the real ML-1M file when available, and tiny synthetic datasets written by the project's code."""
+"""Shared fixtures and helpers: the real ML-1M file when available, tiny synthetic datasets written by the
+project's code, a tiny config, and running the scripts."""
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -9,6 +11,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from config import GSASRecExperimentConfig  # noqa: E402
 from dataset_utils import (Sequences, offsets_from_lengths, split_sequences, validation_user_mask,  # noqa: E402
                            write_split)
 
@@ -53,3 +56,26 @@ def synthetic_datasets_dir(tmp_path, monkeypatch):
     write_synthetic_dataset(tmp_path / "datasets" / "successor")
     monkeypatch.setenv("GSASREC_DATASETS_DIR", str(tmp_path / "datasets"))
     return tmp_path / "datasets"
+
+
+# A model small enough to train in seconds on the synthetic dataset 'successor'.
+TINY = dict(dataset_name="successor", sequence_length=16, embedding_dim=32, num_heads=1, num_blocks=1,
+            dropout_rate=0.1, negs_per_pos=16, gbce_t=0.75, train_batch_size=32, max_batches_per_epoch=10,
+            eval_batch_size=64, early_stopping_patience=1000, embedding_init_std=0.1, learning_rate=3e-3)
+
+
+def tiny_config(**overrides) -> GSASRecExperimentConfig:
+    return GSASRecExperimentConfig(**{**TINY, **overrides})
+
+
+def write_config(path: Path, **overrides) -> Path:
+    """A config file of the tiny config with overrides, for the scripts' --config."""
+    values = {**TINY, **overrides}
+    path.write_text("from config import GSASRecExperimentConfig\nconfig = GSASRecExperimentConfig(" +
+                    ", ".join(f"{key}={value!r}" for key, value in values.items()) + ")\n")
+    return path
+
+
+def run_script(*args, cwd=REPO, **kwargs) -> subprocess.CompletedProcess:
+    """Runs python3 ARGS (a script of the repository and its flags), capturing its output."""
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300, **kwargs)

@@ -17,8 +17,7 @@ from config import GSASRecError, GSASRecExperimentConfig
 from dataset_utils import load_dataset
 from eval_utils import evaluate
 from gsasrec import GSASRec
-from tests.conftest import REPO, write_synthetic_dataset
-from tests.test_end_to_end import tiny_config, write_config
+from tests.conftest import REPO, tiny_config, write_config, write_synthetic_dataset
 from utils import atomic_save, build_model, load_model, model_checkpoint, recommend, recommend_batch, run_cli
 
 sys.path.insert(0, str(REPO / "datasets"))

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from eval_utils import calibration_report, plot_reliability_diagrams
-from tests.test_end_to_end import run_script, tiny_config
 from utils import atomic_save, build_model, model_checkpoint
+from tests.conftest import run_script, tiny_config
 
 
 def test_calibration_figures_on_hand_made_predictions():

@@ -1,3 +1,4 @@
+import dataclasses
 from dataclasses import replace
 
 import pytest
@@ -14,8 +15,19 @@ def test_defaults_are_the_official_ones():
             config.max_batches_per_epoch, config.metrics, config.val_metric, config.early_stopping_patience,
             config.gbce_t, config.filter_rated, config.eval_batch_size, config.recommendation_limit,
             config.reuse_item_embeddings) == (200, 256, 128, 4, 3, 0.0, 256, 10000, 100,
-                                              ["nDCG@10", "R@1", "R@10"], "nDCG@10", 200, 0.75, True, 512, 10,
+                                              ("nDCG@10", "R@1", "R@10"), "nDCG@10", 200, 0.75, True, 512, 10,
                                               False)
+
+
+def test_a_config_is_frozen_and_variants_are_validated_copies():
+    """Fields cannot be changed in place (that would skip validation); replace() validates the copy, and metrics
+    given as a list, as config files and --set give them, are kept as a tuple."""
+    config = GSASRecExperimentConfig(metrics=["nDCG@10", "R@10"])
+    assert config.metrics == ("nDCG@10", "R@10")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.gbce_t = 2.0
+    with pytest.raises(GSASRecError, match="gbce_t must be in"):
+        dataclasses.replace(config, gbce_t=2.0)
 
 
 @pytest.mark.parametrize("values, message", [
@@ -80,7 +92,7 @@ def test_the_official_checkpoint_was_trained_with_config_ml1m_official():
     (["negs_per_pos=16", "seed=3"], {"negs_per_pos": 16, "seed": 3}),
     (["max_steps=None", "weight_averaging_decay=0.99"], {"max_steps": None, "weight_averaging_decay": 0.99}),
     (["bf16=true", "filter_rated=False"], {"bf16": True, "filter_rated": False}),
-    (["metrics=nDCG@10, R@5", "val_metric=R@5"], {"metrics": ["nDCG@10", "R@5"], "val_metric": "R@5"}),
+    (["metrics=nDCG@10, R@5", "val_metric=R@5"], {"metrics": ("nDCG@10", "R@5"), "val_metric": "R@5"}),
     (["training_window = latest"], {"training_window": "latest"}),
 ])
 def test_overrides_are_parsed_to_the_field_type(overrides, expected):
@@ -123,7 +135,7 @@ def test_learning_rate_schedule():
     ("config = GSASRecExperimentConfig(gbce_t='high')", "gbce_t must be float, got 'high'"),
     ("config = GSASRecExperimentConfig(max_steps=2.5)", "max_steps must be int or None, got 2.5"),
     ("config = GSASRecExperimentConfig(bf16=1)", "bf16 must be bool, got 1"),
-    ("config = GSASRecExperimentConfig(metrics='nDCG@10')", "metrics must be list"),
+    ("config = GSASRecExperimentConfig(metrics='nDCG@10')", "metrics must be tuple"),
     ("config = 3", "must define `config = GSASRecExperimentConfig"),
 ])
 def test_a_broken_config_file_is_one_error_naming_the_file_and_line(tmp_path, body, message):

@@ -9,8 +9,7 @@ import torch
 
 from dataset_utils import dataset_directory, load_dataset
 from eval_utils import evaluate
-from tests.conftest import REPO
-from tests.test_end_to_end import write_config
+from tests.conftest import REPO, write_config
 from utils import load_model
 
 

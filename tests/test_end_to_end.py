@@ -9,28 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from config import GSASRecExperimentConfig, GSASRecError
+from config import GSASRecError
 from dataset_utils import dataset_directory, load_dataset
 from eval_utils import evaluate, recommend_batched
-from tests.conftest import REPO
+from tests.conftest import REPO, run_script, tiny_config, write_config
 from train_gsasrec import train
 from utils import build_model, load_model, model_from_checkpoint, read_checkpoint
-
-TINY = dict(dataset_name="successor", sequence_length=16, embedding_dim=32, num_heads=1, num_blocks=1,
-            dropout_rate=0.1, negs_per_pos=16, gbce_t=0.75, train_batch_size=32, max_batches_per_epoch=10,
-            eval_batch_size=64, early_stopping_patience=1000, embedding_init_std=0.1, learning_rate=3e-3)
-
-
-def tiny_config(**overrides) -> GSASRecExperimentConfig:
-    return GSASRecExperimentConfig(**{**TINY, **overrides})
-
-
-def write_config(path, **overrides):
-    values = {**TINY, **overrides}
-    path.write_text("from config import GSASRecExperimentConfig\nconfig = GSASRecExperimentConfig(" +
-                    ", ".join(f"{key}={value!r}" for key, value in values.items()) + ")\n")
-    return path
-
 
 def test_training_learns_the_rule_and_the_checkpoint_reloads(synthetic_datasets_dir, tmp_path, capsys):
     dataset = load_dataset(dataset_directory("successor"))
@@ -132,10 +116,6 @@ def test_a_different_config_does_not_resume_silently(synthetic_datasets_dir, tmp
     train(tiny_config(max_steps=3), dataset, tmp_path / "run", torch.device("cpu"), progress=False)
     with pytest.raises(GSASRecError, match="different config"):
         train(tiny_config(max_steps=6, gbce_t=0.5), dataset, tmp_path / "run", torch.device("cpu"), progress=False)
-
-
-def run_script(*args, cwd=REPO, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300, **kwargs)
 
 
 def test_command_line_train_sigterm_resume_and_evaluate(synthetic_datasets_dir, tmp_path):

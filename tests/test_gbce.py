@@ -1,4 +1,3 @@
-import sys
 from dataclasses import replace
 
 import numpy as np
@@ -6,15 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.paper_way import explicit_gbce, paper_way_loss
 from config import GSASRecExperimentConfig
 from dataset_utils import DatasetSplit, Sequences, offsets_from_lengths
 from gsasrec import GSASRec, gamma_transform, gbce_alpha, gbce_beta, gbce_loss
 import train_gsasrec
-from tests.conftest import REPO
 from train_gsasrec import training_batch, training_loss
 
-sys.path.insert(0, str(REPO / "benchmarks"))
-from bench_train import explicit_gbce, paper_way_loss  # noqa: E402
 
 
 @pytest.mark.parametrize("k", [1, 16, 256])

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import torch
 
-from tests.conftest import REPO
-from tests.test_end_to_end import write_config
+from tests.conftest import REPO, write_config
 
 # Runs train_gsasrec.py's command line and SIGKILLs itself at the count-th call of one function: a training step's
 # loss, a validation, or torch.save, which first writes half its bytes, as a process killed mid-write leaves them.

@@ -1,17 +1,14 @@
 import math
-import sys
 
 import numpy as np
 import pytest
 import torch
 
+from benchmarks.paper_way import paper_way_evaluate
 from dataset_utils import Sequences, offsets_from_lengths
 from eval_utils import evaluate, ir_measures_metrics, ranking_metrics, recommend_batched
 from gsasrec import GSASRec
-from tests.conftest import REPO
 
-sys.path.insert(0, str(REPO / "benchmarks"))
-from bench_eval import paper_way_evaluate  # noqa: E402
 
 
 def test_metrics_on_a_hand_made_ranking():

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from config import GSASRecError
-from tests.test_end_to_end import run_script, tiny_config, write_config
 from utils import atomic_save, build_model, load_model, model_checkpoint, read_checkpoint, rename_parameters
+from tests.conftest import run_script, tiny_config, write_config
 
 # The official port's parameter names for two blocks, as REFERENCE.md documents them.
 DOCUMENTED = {"item_embedding.weight", "position_embedding.weight", "output_embedding.weight", "seq_norm.weight",

@@ -9,8 +9,7 @@ import pandas as pd
 import pytest
 
 from dataset_utils import load_dataset, read_item_titles, validation_user_mask
-from tests.conftest import REPO
-from tests.test_end_to_end import run_script
+from tests.conftest import REPO, run_script
 
 SCRIPT = REPO / "datasets" / "prepare_dataset.py"
 spec = importlib.util.spec_from_file_location("prepare_dataset", SCRIPT)

@@ -5,9 +5,8 @@ import pytest
 import torch
 
 from config import GSASRecError
-from tests.conftest import REPO
+from tests.conftest import REPO, tiny_config
 from utils import build_model, model_checkpoint, atomic_save, load_model, recommend, recommend_batch
-from tests.test_end_to_end import tiny_config
 
 
 @pytest.fixture

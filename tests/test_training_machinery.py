@@ -14,8 +14,7 @@ from config import GSASRecError, GSASRecExperimentConfig
 from dataset_utils import dataset_directory, load_dataset
 from eval_utils import evaluate, recommend_batched
 from gsasrec import GSASRec, SelfAttentionBlock
-from tests.conftest import write_synthetic_dataset
-from tests.test_end_to_end import run_script, write_config
+from tests.conftest import run_script, write_config, write_synthetic_dataset
 from train_gsasrec import Trainer, train
 from utils import atomic_save, build_model, model_checkpoint, read_checkpoint, recommend_batch
 
