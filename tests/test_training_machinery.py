@@ -14,18 +14,17 @@ from config import GSASRecError, GSASRecExperimentConfig
 from dataset_utils import dataset_directory, load_dataset
 from eval_utils import evaluate, recommend_batched
 from gsasrec import GSASRec, SelfAttentionBlock
-from tests.conftest import run_script, write_config, write_synthetic_dataset
+from tests.conftest import run_script, tiny_config, write_config, write_synthetic_dataset
 from train_gsasrec import Trainer, train
 from utils import atomic_save, build_model, model_checkpoint, read_checkpoint, recommend_batch
 
 CPU = torch.device("cpu")
-SMALL = dict(dataset_name="successor", sequence_length=10, embedding_dim=16, num_heads=1, num_blocks=1,
-             dropout_rate=0.1, negs_per_pos=8, gbce_t=0.75, train_batch_size=32, max_batches_per_epoch=2,
-             eval_batch_size=64, early_stopping_patience=1000, embedding_init_std=0.1, learning_rate=3e-3)
+# The shared tiny config, smaller still: these tests train many short runs.
+SMALL = dict(sequence_length=10, embedding_dim=16, negs_per_pos=8, max_batches_per_epoch=2)
 
 
 def small_config(**overrides) -> GSASRecExperimentConfig:
-    return GSASRecExperimentConfig(**{**SMALL, **overrides})
+    return tiny_config(**{**SMALL, **overrides})
 
 
 def write_config_file(path: Path, **overrides) -> Path:
