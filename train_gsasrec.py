@@ -10,7 +10,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import replace
+from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 from pathlib import Path
 
@@ -216,6 +216,34 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+# Why a run stops. These two end it: rerunning says it has finished, unless the config now allows more. The others
+# ("max_steps", "max_training_time", "interrupted") pause it, and rerunning the same command continues.
+ENDING_REASONS = ("early stopping", "max_epochs")
+
+
+@dataclass
+class Progress:
+    """Where a run stands: saved in the training state, updated in place by the Trainer."""
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    epoch_loss_sum: float = 0.0
+    best_metric: float = -math.inf
+    best_checkpoint: str | None = None
+    epochs_without_improvement: int = 0
+    elapsed_seconds: float = 0.0
+    stopped: str | None = None  # None while it runs
+
+    @property
+    def finished(self) -> bool:
+        return self.stopped in ENDING_REASONS
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Progress":
+        known = {field.name for field in fields(cls)}
+        return cls(**{name: value for name, value in values.items() if name in known})
+
+
 def comparable(config: GSASRecExperimentConfig) -> dict:
     values = config.__dict__.copy()
     for name in BUDGET_FIELDS:
@@ -235,7 +263,7 @@ class Trainer:
                  rank: int = 0, world_size: int = 1, log_test_metrics: bool = False, progress: bool = True):
         self.config, self.dataset, self.run_dir, self.device = config, dataset, Path(run_dir), device
         self.rank, self.world_size = rank, world_size
-        self.log_test_metrics, self.progress = log_test_metrics, progress and rank == 0
+        self.log_test_metrics, self.show_progress = log_test_metrics, progress and rank == 0
         torch.manual_seed(config.seed)
         self.model = build_model(config, dataset.num_items).to(device)
         torch.manual_seed(config.seed + rank)
@@ -255,9 +283,7 @@ class Trainer:
                                           shuffle=True, seed=config.seed)
         self.batches_per_epoch = min(config.max_batches_per_epoch,
                                      math.ceil(len(self.sampler) / config.train_batch_size))
-        self.state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "epoch_loss_sum": 0.0, "best_metric": -math.inf,
-                      "best_checkpoint": None, "epochs_without_improvement": 0, "elapsed_seconds": 0.0,
-                      "finished": None, "stopped": None}
+        self.progress = Progress()
         self.clock = time.perf_counter()
 
     @property
@@ -289,7 +315,8 @@ class Trainer:
             raw_weights = {} if self.averaged is None else {"training_model_state": cpu_weights(self.model)}
             atomic_save(model_checkpoint(self.evaluated_model, self.config, optimizer_state=self.optimizer.state_dict(),
                                          scheduler_state=self.scheduler.state_dict(), rng_states=rng_states,
-                                         progress=self.state, training=self.training_record(), **raw_weights),
+                                         progress=asdict(self.progress), training=self.training_record(),
+                                         **raw_weights),
                         self.state_path)
 
     def read_state(self) -> dict:
@@ -316,11 +343,11 @@ class Trainer:
             # The saved run's kernel choice may not exist on this device: take this device's.
             group["fused"] = self.optimizer.defaults["fused"]
         self.scheduler.load_state_dict(saved["scheduler_state"])
-        self.state = saved["progress"]
+        vars(self.progress).update(vars(Progress.from_dict(saved["progress"])))
         if self.averaged is not None:
             self.averaged.module.load_state_dict(saved["model_state"])
-            self.averaged.n_averaged.fill_(self.state["step"])  # one update a step; 0 makes the next one a copy
-        self.state["finished"] = self.finished_reason()
+            self.averaged.n_averaged.fill_(self.progress.step)  # one update a step; 0 makes the next one a copy
+        self.progress.stopped = self.ending_reason()
         rng_states = saved["rng_states"]
         own = rng_states[self.rank] if len(rng_states) == self.world_size else None
         # A CPU generator's state (Mersenne Twister) and a CUDA one's (Philox) differ in size, not only in meaning.
@@ -333,8 +360,8 @@ class Trainer:
             where = (f"with {len(rng_states)} process(es), resumed with {self.world_size}" if own is None
                      else f"on another kind of device than {self.device.type}")
             self.say(f"The run was saved {where}: random streams restart from the seed and the step")
-            torch.manual_seed(self.config.seed + self.rank + self.state["step"])
-            self.generator.manual_seed(self.config.seed + self.rank + self.state["step"])
+            torch.manual_seed(self.config.seed + self.rank + self.progress.step)
+            self.generator.manual_seed(self.config.seed + self.rank + self.progress.step)
         if self.rank == 0:
             self.drop_unsaved_records()
 
@@ -345,23 +372,24 @@ class Trainer:
         if not path.is_file():
             return
         lines = path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if json.loads(line)["step"] <= self.state["step"]]
+        kept = [line for line in lines if json.loads(line)["step"] <= self.progress.step]
         if len(kept) < len(lines):
             atomic_write(path, lambda temporary: temporary.write_text("".join(kept)))
 
     def tick(self) -> None:
         """Adds the wall-clock time since the last tick to the run's elapsed time."""
         now = time.perf_counter()
-        self.state["elapsed_seconds"] += now - self.clock
+        self.progress.elapsed_seconds += now - self.clock
         self.clock = now
 
     def stop_reason(self, stop_request: StopRequest) -> str | None:
         """A budget or a signal; with several ranks, any rank's reason stops them all at the same step."""
         reasons = [None, "max_steps", "max_training_time", "interrupted"]
         code = 0
-        if self.config.max_steps is not None and self.state["step"] >= self.config.max_steps:
+        if self.config.max_steps is not None and self.progress.step >= self.config.max_steps:
             code = 1
-        elif self.config.max_training_time is not None and self.state["elapsed_seconds"] >= self.config.max_training_time:
+        elif (self.config.max_training_time is not None
+              and self.progress.elapsed_seconds >= self.config.max_training_time):
             code = 2
         elif stop_request.requested:
             code = 3
@@ -389,12 +417,12 @@ class Trainer:
 
     def end_epoch(self) -> None:
         """Rank 0 validates, keeps the best checkpoint and logs; then every rank takes rank 0's state."""
-        state, config = self.state, self.config
+        progress, config = self.progress, self.config
         if self.rank == 0:
             validation = self.evaluate(self.dataset.val_input, self.dataset.val_target)
             self.tick()
-            record = {"step": state["step"], "epoch": state["epoch"], "time_s": round(state["elapsed_seconds"], 2),
-                      "train_loss": state["epoch_loss_sum"] / self.batches_per_epoch,
+            record = {"step": progress.step, "epoch": progress.epoch, "time_s": round(progress.elapsed_seconds, 2),
+                      "train_loss": progress.epoch_loss_sum / self.batches_per_epoch,
                       **{f"val_{name}": value for name, value in validation.items()}}
             if self.log_test_metrics:
                 test = self.evaluate(self.dataset.test_input, self.dataset.test_target)
@@ -402,65 +430,65 @@ class Trainer:
             self.keep_if_best(validation)
             with open(self.run_dir / LOG_FILE, "a") as log:
                 log.write(json.dumps(record) + "\n")
-            self.say(f"epoch {state['epoch']} step {state['step']} loss {record['train_loss']:.4f} " +
+            self.say(f"epoch {progress.epoch} step {progress.step} loss {record['train_loss']:.4f} " +
                      " ".join(f"{key} {value:.4f}" for key, value in record.items() if "@" in key) +
-                     (f" | best {config.val_metric} {state['best_metric']:.4f}" if state["best_checkpoint"] else
+                     (f" | best {config.val_metric} {progress.best_metric:.4f}" if progress.best_checkpoint else
                       f" | selection from step {config.selection_start_step}") +
-                     f" ({state['elapsed_seconds']:.0f}s)")
-            state["epoch"] += 1
-            state["batch_in_epoch"] = 0
-            state["finished"] = state["stopped"] = self.finished_reason()
+                     f" ({progress.elapsed_seconds:.0f}s)")
+            progress.epoch += 1
+            progress.batch_in_epoch = 0
+            progress.stopped = self.ending_reason()
         if self.world_size > 1:
-            shared = [state]
+            shared = [progress]
             dist.broadcast_object_list(shared, src=0)
-            self.state = shared[0]
+            vars(progress).update(vars(shared[0]))
         self.clock = time.perf_counter()  # test evaluation and waiting for rank 0 are not training time
         self.save_state()
 
-    def finished_reason(self) -> str | None:
-        """Recomputed from the config, so a resumed run may raise max_epochs or the patience and go on."""
-        if self.state["epochs_without_improvement"] >= self.config.early_stopping_patience:
+    def ending_reason(self) -> str | None:
+        """One of ENDING_REASONS or None, recomputed from the config, so a resumed run may raise max_epochs or the
+        patience and go on."""
+        if self.progress.epochs_without_improvement >= self.config.early_stopping_patience:
             return "early stopping"
-        return "max_epochs" if self.state["epoch"] >= self.config.max_epochs else None
+        return "max_epochs" if self.progress.epoch >= self.config.max_epochs else None
 
     def training_record(self) -> dict:
         """How the weights were made, for checkpoints: training seconds and steps so far, and the machine."""
-        return {"seconds": round(self.state["elapsed_seconds"], 3), "steps": self.state["step"],
+        return {"seconds": round(self.progress.elapsed_seconds, 3), "steps": self.progress.step,
                 "world_size": self.world_size, **machine_description(self.device)}
 
     def keep_if_best(self, validation: dict[str, float]) -> None:
-        state = self.state
-        if state["step"] < self.config.selection_start_step:
+        progress = self.progress
+        if progress.step < self.config.selection_start_step:
             return
         metric = validation[self.config.val_metric]
-        if metric <= state["best_metric"]:
-            state["epochs_without_improvement"] += 1
+        if metric <= progress.best_metric:
+            progress.epochs_without_improvement += 1
             return
-        state["best_metric"] = metric
-        state["epochs_without_improvement"] = 0
-        previous = state["best_checkpoint"]
-        best_path = self.run_dir / checkpoint_name(self.config, state["step"], metric)
-        atomic_save(model_checkpoint(self.evaluated_model, self.config, step=state["step"], epoch=state["epoch"],
+        progress.best_metric = metric
+        progress.epochs_without_improvement = 0
+        previous = progress.best_checkpoint
+        best_path = self.run_dir / checkpoint_name(self.config, progress.step, metric)
+        atomic_save(model_checkpoint(self.evaluated_model, self.config, step=progress.step, epoch=progress.epoch,
                                      val_metrics=validation, training=self.training_record()), best_path)
-        state["best_checkpoint"] = str(best_path)
+        progress.best_checkpoint = str(best_path)
         if previous and Path(previous) != best_path:
             Path(previous).unlink(missing_ok=True)
 
-    def run(self) -> dict:
-        """Trains until early stopping, max_epochs, a budget or a signal; returns the final state."""
-        state, config = self.state, self.config
+    def run(self) -> Progress:
+        """Trains until early stopping, max_epochs, a budget or a signal; returns where the run stands."""
+        progress, config = self.progress, self.config
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             for unfinished in self.run_dir.glob(".*.tmp"):  # a write that a killed process did not finish
                 unfinished.unlink()
         if self.state_path.is_file():
             self.load_state()
-            state = self.state
-            if state["finished"]:
-                self.say(f"{self.run_dir} already finished ({state['finished']}); "
-                         f"best checkpoint: {state['best_checkpoint']}")
-                return state
-            self.say(f"Resuming {self.run_dir} at step {state['step']} (epoch {state['epoch']})")
+            if progress.finished:
+                self.say(f"{self.run_dir} already finished ({progress.stopped}); "
+                         f"best checkpoint: {progress.best_checkpoint}")
+                return progress
+            self.say(f"Resuming {self.run_dir} at step {progress.step} (epoch {progress.epoch})")
         if config.bf16 and not has_native_bf16(self.device):
             self.say(f"Note: the config asks for bf16, but this {self.device.type} has no native bf16 "
                      "(it would be emulated, about 10x slower): training in float32")
@@ -468,34 +496,33 @@ class Trainer:
         self.model.train()
         self.clock = time.perf_counter()
         try:
-            while not self.state["finished"]:
-                state = self.state
-                self.sampler.set_epoch(state["epoch"])
+            while not progress.finished:
+                self.sampler.set_epoch(progress.epoch)
                 shard = self.trainable_rows[np.fromiter(self.sampler, dtype=np.int64)]
-                if state["batch_in_epoch"] == 0:
-                    state["epoch_loss_sum"] = 0.0
-                bar = tqdm(total=self.batches_per_epoch, initial=state["batch_in_epoch"], disable=not self.progress,
-                           desc=f"epoch {state['epoch']}", leave=False)
-                while state["batch_in_epoch"] < self.batches_per_epoch:
+                if progress.batch_in_epoch == 0:
+                    progress.epoch_loss_sum = 0.0
+                bar = tqdm(total=self.batches_per_epoch, initial=progress.batch_in_epoch,
+                           disable=not self.show_progress, desc=f"epoch {progress.epoch}", leave=False)
+                while progress.batch_in_epoch < self.batches_per_epoch:
                     reason = self.stop_reason(stop_request)
                     if reason:
                         self.tick()
-                        state["stopped"] = reason
+                        progress.stopped = reason
                         self.save_state()
                         bar.close()
-                        if reason == "max_steps" and 0 < config.lr_decay_steps <= state["step"] - config.warmup_steps:
-                            self.say(f"Finished the learning-rate schedule at step {state['step']}; best checkpoint: "
-                                     f"{state['best_checkpoint']}")
-                            return state
+                        if reason == "max_steps" and 0 < config.lr_decay_steps <= progress.step - config.warmup_steps:
+                            self.say(f"Finished the learning-rate schedule at step {progress.step}; best checkpoint: "
+                                     f"{progress.best_checkpoint}")
+                            return progress
                         how = ("rerun the same command" if reason == "interrupted" else
                                f"raise {reason} in the config and rerun the same command")
-                        self.say(f"Stopped ({reason}) at step {state['step']}; {how} to continue.")
-                        return state
-                    start = state["batch_in_epoch"] * config.train_batch_size
+                        self.say(f"Stopped ({reason}) at step {progress.step}; {how} to continue.")
+                        return progress
+                    start = progress.batch_in_epoch * config.train_batch_size
                     loss = self.train_step(shard[start:start + config.train_batch_size])
-                    state["step"] += 1
-                    state["batch_in_epoch"] += 1
-                    state["epoch_loss_sum"] += loss
+                    progress.step += 1
+                    progress.batch_in_epoch += 1
+                    progress.epoch_loss_sum += loss
                     bar.update()
                     bar.set_postfix(loss=f"{loss:.4f}")
                     self.tick()
@@ -503,13 +530,13 @@ class Trainer:
                 self.end_epoch()
         finally:
             stop_request.restore()
-        self.say(f"Finished ({self.state['finished']}); best checkpoint: {self.state['best_checkpoint']}")
-        return self.state
+        self.say(f"Finished ({progress.stopped}); best checkpoint: {progress.best_checkpoint}")
+        return progress
 
 
 def train(config: GSASRecExperimentConfig, dataset: DatasetSplit, run_dir: Path, device: torch.device,
-          log_test_metrics: bool = False, progress: bool = True) -> dict:
-    """Trains (or resumes) the run in run_dir in this process; returns the final training state."""
+          log_test_metrics: bool = False, progress: bool = True) -> Progress:
+    """Trains (or resumes) the run in run_dir in this process; returns where the run stands."""
     return Trainer(config, dataset, run_dir, device, log_test_metrics=log_test_metrics, progress=progress).run()
 
 
@@ -572,16 +599,16 @@ def main() -> None:
     dataset = load_dataset(ensure_dataset(config.dataset_name, args.source))
     trainer = Trainer(config, dataset, run_dir, device, rank, world_size, args.log_test_metrics,
                       progress=not args.no_progress)
-    state = trainer.run()
+    progress = trainer.run()
     if world_size > 1:
-        print(f"rank {rank}: stopped at epoch {state['epoch']} step {state['step']}, "
+        print(f"rank {rank}: stopped at epoch {progress.epoch} step {progress.step}, "
               f"weights {weights_digest(trainer.model)}", flush=True)
         dist.barrier()  # no rank tears down the process group while another still uses it
         dist.destroy_process_group()
     if rank == 0:
-        print(json.dumps({"best_checkpoint": state["best_checkpoint"],
-                          f"best_val_{config.val_metric}": state["best_metric"], "steps": state["step"],
-                          "stopped": state["stopped"], "world_size": world_size}), flush=True)
+        print(json.dumps({"best_checkpoint": progress.best_checkpoint,
+                          f"best_val_{config.val_metric}": progress.best_metric, "steps": progress.step,
+                          "stopped": progress.stopped, "world_size": world_size}), flush=True)
     if world_size > 1:
         # Everything is saved and printed; a normal interpreter exit can still abort in gloo's background
         # threads ("terminate called without an active exception"), so a distributed rank leaves at once.

@@ -19,12 +19,12 @@ from utils import build_model, load_model, model_from_checkpoint, read_checkpoin
 def test_training_learns_the_rule_and_the_checkpoint_reloads(synthetic_datasets_dir, tmp_path, capsys):
     dataset = load_dataset(dataset_directory("successor"))
     state = train(tiny_config(max_steps=300), dataset, tmp_path / "run", torch.device("cpu"), progress=False)
-    assert state["step"] == 300 and state["stopped"] == "max_steps"
+    assert state.step == 300 and state.stopped == "max_steps"
     assert "Stopped (max_steps) at step 300; raise max_steps in the config and rerun" in capsys.readouterr().out
-    model, config = load_model(state["best_checkpoint"], device="cpu")
+    model, config = load_model(state.best_checkpoint, device="cpu")
     test = evaluate(model, dataset.test_input, dataset.test_target, config.metrics, 10)
     assert test["nDCG@10"] > 0.9
-    checkpoint = read_checkpoint(state["best_checkpoint"])
+    checkpoint = read_checkpoint(state.best_checkpoint)
     assert evaluate(model, dataset.val_input, dataset.val_target, config.metrics, 10) == checkpoint["val_metrics"]
     with pytest.raises(GSASRecError, match="embedding_dim=32 in the checkpoint, 64 in the config"):
         model_from_checkpoint(checkpoint, tiny_config(embedding_dim=64))
@@ -49,10 +49,10 @@ def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(synthetic_data
                      progress=False)
     first = train(tiny_config(max_steps=17, **sampling), dataset, tmp_path / "b", torch.device("cpu"),
                   progress=False)
-    assert first["step"] == 17 and first["batch_in_epoch"] == 7
+    assert first.step == 17 and first.batch_in_epoch == 7
     resumed = train(tiny_config(max_steps=35, **sampling), dataset, tmp_path / "b", torch.device("cpu"),
                     progress=False)
-    assert resumed["step"] == straight["step"] == 35
+    assert resumed.step == straight.step == 35
     weights = lambda run: torch.load(tmp_path / run / "train_state.pt", weights_only=False)["model_state"]  # noqa: E731
     for name, value in weights("a").items():
         assert torch.equal(value, weights("b")[name]), name
@@ -78,10 +78,10 @@ def test_weight_averaging_validates_and_ships_the_moving_average(synthetic_datas
     state = run(10)
     final = saved()
     averaged, raw = final["model_state"], final["training_model_state"]
-    best = read_checkpoint(state["best_checkpoint"])
+    best = read_checkpoint(state.best_checkpoint)
     assert all(torch.equal(value, best["model_state"][name]) for name, value in averaged.items())
     assert not torch.equal(averaged["item_embedding.weight"], raw["item_embedding.weight"])
-    model, config = load_model(state["best_checkpoint"], device="cpu")
+    model, config = load_model(state.best_checkpoint, device="cpu")
     assert evaluate(model, dataset.val_input, dataset.val_target, config.metrics, 10) == best["val_metrics"]
 
 
@@ -94,7 +94,7 @@ def test_a_run_saved_on_another_kind_of_device_resumes(synthetic_datasets_dir, t
     state["rng_states"][0]["generator"] = torch.zeros(16, dtype=torch.uint8)
     torch.save(state, state_path)
     resumed = train(tiny_config(max_steps=6), dataset, tmp_path / "run", torch.device("cpu"), progress=False)
-    assert resumed["step"] == 6
+    assert resumed.step == 6
     assert "saved on another kind of device than cpu: random streams restart" in capsys.readouterr().out
 
 
@@ -221,15 +221,15 @@ def test_selection_keeps_only_checkpoints_from_selection_start_step(synthetic_da
     assert [record["step"] for record in log][:3] == [10, 20, 30]
     eligible = [record for record in log if record["step"] >= 60]
     best = max(eligible, key=lambda record: record["val_nDCG@10"])
-    assert read_checkpoint(state["best_checkpoint"])["step"] == best["step"]
-    assert state["best_metric"] == best["val_nDCG@10"]
-    assert [path.name for path in (tmp_path / "run").glob("gsasrec-*.pt")] == [Path(state["best_checkpoint"]).name]
+    assert read_checkpoint(state.best_checkpoint)["step"] == best["step"]
+    assert state.best_metric == best["val_nDCG@10"]
+    assert [path.name for path in (tmp_path / "run").glob("gsasrec-*.pt")] == [Path(state.best_checkpoint).name]
 
 
 def test_a_run_at_the_end_of_its_schedule_says_it_finished(synthetic_datasets_dir, tmp_path, capsys):
     dataset = load_dataset(dataset_directory("successor"))
     state = train(tiny_config(max_steps=30, lr_decay_steps=30), dataset, tmp_path / "run", torch.device("cpu"),
                   progress=False)
-    assert state["stopped"] == "max_steps"
-    assert f"Finished the learning-rate schedule at step 30; best checkpoint: {state['best_checkpoint']}" in \
+    assert state.stopped == "max_steps"
+    assert f"Finished the learning-rate schedule at step 30; best checkpoint: {state.best_checkpoint}" in \
         capsys.readouterr().out

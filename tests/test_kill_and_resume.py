@@ -91,7 +91,8 @@ def test_a_run_killed_during_a_step_a_validation_and_a_write_resumes_to_the_unin
     assert "Resuming" in resumed.stdout
     assert not any(path.name.startswith(".") for path in run_dir.iterdir())
 
-    final, expected = (torch.load(folder / "train_state.pt", weights_only=False) for folder in (run_dir, tmp_path / "reference"))
+    final, expected = (torch.load(folder / "train_state.pt", weights_only=False)
+                       for folder in (run_dir, tmp_path / "reference"))
     assert final["progress"]["step"] == expected["progress"]["step"] == 40
     for name, value in expected["model_state"].items():
         assert torch.equal(final["model_state"][name], value), name

@@ -68,16 +68,16 @@ def test_early_stopping_counts_only_strict_improvements_and_keeps_one_best_check
     calls = scripted_validation(monkeypatch, [0.10, 0.20, 0.20, 0.15, 0.20] + [0.30] * 6)
     run_dir = tmp_path / "run"
     state = train(small_config(early_stopping_patience=3), dataset, run_dir, CPU, progress=False)
-    assert state["finished"] == state["stopped"] == "early stopping"
-    assert (state["epoch"], state["step"], state["epochs_without_improvement"]) == (5, 10, 3)
+    assert state.finished and state.stopped == "early stopping"
+    assert (state.epoch, state.step, state.epochs_without_improvement) == (5, 10, 3)
     assert [record["step"] for record in read_log(run_dir)] == [2, 4, 6, 8, 10]
     assert [record["val_nDCG@10"] for record in read_log(run_dir)] == [0.10, 0.20, 0.20, 0.15, 0.20]
-    assert state["best_metric"] == 0.20
-    assert checkpoint_files(run_dir) == [Path(state["best_checkpoint"]).name]
-    assert "-step:4-" in state["best_checkpoint"]
-    best = read_checkpoint(state["best_checkpoint"])
+    assert state.best_metric == 0.20
+    assert checkpoint_files(run_dir) == [Path(state.best_checkpoint).name]
+    assert "-step:4-" in state.best_checkpoint
+    best = read_checkpoint(state.best_checkpoint)
     assert (best["step"], best["epoch"], best["val_metrics"]["nDCG@10"]) == (4, 1, 0.20)
-    assert saved_state(run_dir)["progress"]["finished"] == "early stopping"
+    assert saved_state(run_dir)["progress"]["stopped"] == "early stopping"
     assert "Finished (early stopping)" in capsys.readouterr().out
     assert len(calls) == 5
 
@@ -103,12 +103,12 @@ def test_early_stopping_ends_a_real_run_where_its_log_says(synthetic_datasets_di
             break
     assert stop_epoch is not None and stop_epoch > patience, "the run should learn, then early-stop"
     assert [record["val_nDCG@10"] for record in log].count(best) > 1  # ties of the best: not improvements
-    assert state["finished"] == state["stopped"] == "early stopping"
+    assert state.finished and state.stopped == "early stopping"
     assert len(log) == stop_epoch + 1
-    assert state["step"] == log[-1]["step"] == batches * (stop_epoch + 1)
-    assert state["best_metric"] == best
-    assert read_checkpoint(state["best_checkpoint"])["step"] == best_step
-    assert checkpoint_files(run_dir) == [Path(state["best_checkpoint"]).name]
+    assert state.step == log[-1]["step"] == batches * (stop_epoch + 1)
+    assert state.best_metric == best
+    assert read_checkpoint(state.best_checkpoint)["step"] == best_step
+    assert checkpoint_files(run_dir) == [Path(state.best_checkpoint).name]
 
 
 # 2. Budgets, --fresh, finished runs, resuming with a larger patience.
@@ -123,12 +123,12 @@ def test_rerunning_a_finished_run_does_nothing_and_more_patience_lets_it_go_on(
                                               0.99, 0.99])  # a run going on too long would improve here
     run_dir = tmp_path / "run"
     first = train(small_config(early_stopping_patience=3), dataset, run_dir, CPU, progress=False)
-    assert (first["finished"], first["step"]) == ("early stopping", 10)
+    assert (first.stopped, first.step) == ("early stopping", 10)
     capsys.readouterr()
     state_bytes = (run_dir / "train_state.pt").read_bytes()
 
     again = train(small_config(early_stopping_patience=3), dataset, run_dir, CPU, progress=False)
-    assert (again["finished"], again["step"], again["epoch"]) == ("early stopping", 10, 5)
+    assert (again.stopped, again.step, again.epoch) == ("early stopping", 10, 5)
     assert f"{run_dir} already finished (early stopping)" in capsys.readouterr().out
     assert len(calls) == 5 and len(read_log(run_dir)) == 5
     assert (run_dir / "train_state.pt").read_bytes() == state_bytes
@@ -136,10 +136,10 @@ def test_rerunning_a_finished_run_does_nothing_and_more_patience_lets_it_go_on(
     # Patience 5: epoch 5 improves (0.30), epochs 6-10 do not (equal or worse): stop after epoch 10, step 22.
     longer = train(small_config(early_stopping_patience=5), dataset, run_dir, CPU, progress=False)
     assert f"Resuming {run_dir} at step 10 (epoch 5)" in capsys.readouterr().out
-    assert (longer["finished"], longer["step"], longer["epoch"]) == ("early stopping", 22, 11)
+    assert (longer.stopped, longer.step, longer.epoch) == ("early stopping", 22, 11)
     assert [record["step"] for record in read_log(run_dir)] == list(range(2, 24, 2))
-    assert longer["best_metric"] == 0.30 and "-step:12-" in longer["best_checkpoint"]
-    assert checkpoint_files(run_dir) == [Path(longer["best_checkpoint"]).name]
+    assert longer.best_metric == 0.30 and "-step:12-" in longer.best_checkpoint
+    assert checkpoint_files(run_dir) == [Path(longer.best_checkpoint).name]
 
 
 def test_max_training_time_stops_a_run_and_its_elapsed_time_survives_resuming(synthetic_datasets_dir, tmp_path,
@@ -149,14 +149,14 @@ def test_max_training_time_stops_a_run_and_its_elapsed_time_survives_resuming(sy
     dataset = load_dataset(dataset_directory("successor"))
     run_dir = tmp_path / "run"
     state = train(small_config(max_training_time=1e-6, max_epochs=3), dataset, run_dir, CPU, progress=False)
-    assert (state["stopped"], state["finished"], state["step"]) == ("max_training_time", None, 1)
+    assert (state.stopped, state.finished, state.step) == ("max_training_time", False, 1)
     assert "Stopped (max_training_time) at step 1; raise max_training_time in the config" in capsys.readouterr().out
     saved = saved_state(run_dir)["progress"]
     assert saved["step"] == 1 and saved["stopped"] == "max_training_time" and saved["elapsed_seconds"] >= 1e-6
     assert train(small_config(max_training_time=1e-6, max_epochs=3), dataset, run_dir, CPU,
-                 progress=False)["step"] == 1
+                 progress=False).step == 1
     resumed = train(small_config(max_training_time=1e6, max_steps=5), dataset, run_dir, CPU, progress=False)
-    assert (resumed["stopped"], resumed["step"]) == ("max_steps", 5)
+    assert (resumed.stopped, resumed.step) == ("max_steps", 5)
 
 
 def test_fresh_discards_the_saved_state_log_and_checkpoints(synthetic_datasets_dir, tmp_path):
@@ -164,7 +164,7 @@ def test_fresh_discards_the_saved_state_log_and_checkpoints(synthetic_datasets_d
     dataset = load_dataset(dataset_directory("successor"))
     run_dir = tmp_path / "run"
     old = train(small_config(max_steps=12), dataset, run_dir, CPU, progress=False)
-    assert old["step"] == 12 and len(read_log(run_dir)) == 6 and "-step:" in old["best_checkpoint"]
+    assert old.step == 12 and len(read_log(run_dir)) == 6 and "-step:" in old.best_checkpoint
     config = write_config_file(tmp_path / "config_small.py", max_steps=3)
     result = run_script("train_gsasrec.py", f"--config={config}", "--run-dir", str(run_dir), "--fresh",
                         "--no-progress")
@@ -176,6 +176,22 @@ def test_fresh_discards_the_saved_state_log_and_checkpoints(synthetic_datasets_d
     assert [record["step"] for record in read_log(run_dir)] == [2]  # one epoch of 2 steps, then 1 step
     assert checkpoint_files(run_dir) == [Path(summary["best_checkpoint"]).name]
     assert "-step:2-" in summary["best_checkpoint"]
+
+
+def test_the_trainer_updates_one_progress_in_place_and_reads_states_of_the_previous_version(synthetic_datasets_dir,
+                                                                                             tmp_path):
+    """Resuming and every epoch update the Trainer's Progress in place, so a reference taken before run() stays
+    current; a state saved with the former 'finished' key (before Progress) still resumes."""
+    dataset = load_dataset(dataset_directory("successor"))
+    run_dir = tmp_path / "run"
+    train(small_config(max_steps=3), dataset, run_dir, CPU, progress=False)
+    saved = saved_state(run_dir)
+    saved["progress"]["finished"] = None
+    torch.save(saved, run_dir / "train_state.pt")
+    trainer = Trainer(small_config(max_steps=5), dataset, run_dir, CPU, progress=False)
+    progress = trainer.progress
+    assert trainer.run() is progress
+    assert (progress.step, progress.epoch, progress.stopped, progress.finished) == (5, 2, "max_steps", False)
 
 
 # 3. The learning-rate schedule inside the Trainer.
@@ -222,11 +238,11 @@ def test_the_learning_rate_continues_exactly_across_interruptions(synthetic_data
     straight = train(small_config(max_steps=14, **schedule), dataset, tmp_path / "straight", CPU, progress=False)
     for stop in (2, 7, 14):
         state = train(small_config(max_steps=stop, **schedule), dataset, tmp_path / "resumed", CPU, progress=False)
-        assert state["step"] == stop
+        assert state.step == stop
         saved = saved_state(tmp_path / "resumed")
         assert saved["optimizer_state"]["param_groups"][0]["lr"] == pytest.approx(
             scheduled_lr(base, warmup, decay, stop), rel=1e-9)
-    assert straight["step"] == 14
+    assert straight.step == 14
     a, b = saved_state(tmp_path / "straight"), saved_state(tmp_path / "resumed")
     assert a["optimizer_state"]["param_groups"][0]["lr"] == b["optimizer_state"]["param_groups"][0]["lr"]
     assert a["scheduler_state"]["last_epoch"] == b["scheduler_state"]["last_epoch"] == 14
@@ -286,7 +302,7 @@ def test_users_with_fewer_than_two_training_items_are_never_in_a_batch(tmp_path,
     assert set(trainer.trainable_rows.tolist()) == expected_rows
     assert trainer.batches_per_epoch == batches
     state = trainer.run()
-    assert state["step"] == batches
+    assert state.step == batches
     assert sorted(seen) == sorted(expected_rows)
     assert math.isfinite(read_log(tmp_path / "run")[0]["train_loss"])
 
