@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class Dropout(nn.Module):
+class BitFieldDropout(nn.Module):
     """Inverted dropout whose CPU mask takes only as many random bits per element as the rate needs.
 
     On CPUs drawing one random number per element (bernoulli_, rand) dominates a training step. A rate that is a
@@ -86,15 +86,15 @@ class SelfAttentionBlock(nn.Module):
     def __init__(self, embedding_dim: int, num_heads: int, dropout_rate: float):
         super().__init__()
         self.num_heads = num_heads
-        self.attention_dropout = Dropout(dropout_rate)
+        self.attention_dropout = BitFieldDropout(dropout_rate)
         self.attention_norm = nn.LayerNorm(embedding_dim, eps=1e-8)
         self.query = nn.Linear(embedding_dim, embedding_dim)
         self.key = nn.Linear(embedding_dim, embedding_dim)
         self.value = nn.Linear(embedding_dim, embedding_dim)
         self.feed_forward_norm = nn.LayerNorm(embedding_dim, eps=1e-8)
         self.feed_forward = nn.Sequential(
-            nn.Linear(embedding_dim, embedding_dim), nn.ReLU(), Dropout(dropout_rate),
-            nn.Linear(embedding_dim, embedding_dim), Dropout(dropout_rate))
+            nn.Linear(embedding_dim, embedding_dim), nn.ReLU(), BitFieldDropout(dropout_rate),
+            nn.Linear(embedding_dim, embedding_dim), BitFieldDropout(dropout_rate))
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, dim = x.shape
@@ -115,7 +115,7 @@ class SelfAttentionBlock(nn.Module):
         query = self.split_heads(self.query(normed))
         key, value = key_value if key_value is not None else (self.key(seq), self.value(seq))
         key, value = self.split_heads(key), self.split_heads(value)
-        if self.training and self.attention_dropout.rate > 0:
+        if self.drops_attention:
             # One baddbmm scales the logits and adds the mask: two fewer passes over (batch, heads, L, L).
             batch, heads, length, head_dim = query.shape
             bias = attention_bias.expand(batch, heads, length, length).reshape(batch * heads, length, length)
@@ -126,6 +126,11 @@ class SelfAttentionBlock(nn.Module):
         else:
             attended = causal_attention(query, key, value, attention_bias)
         return self.feed_forward_output(normed + attended.transpose(1, 2).reshape(normed.shape)) * is_item
+
+    @property
+    def drops_attention(self) -> bool:
+        """Whether attention weights get dropout, which needs the explicit attention path and its mask tensor."""
+        return self.training and self.attention_dropout.rate > 0
 
     def feed_forward_output(self, x: torch.Tensor) -> torch.Tensor:
         x = self.feed_forward_norm(x)
@@ -172,7 +177,7 @@ class GSASRec(nn.Module):
         self.embedding_dim = embedding_dim
         self.item_embedding = nn.Embedding(num_items + 2, embedding_dim)
         self.position_embedding = nn.Embedding(sequence_length, embedding_dim)
-        self.embedding_dropout = Dropout(dropout_rate)
+        self.embedding_dropout = BitFieldDropout(dropout_rate)
         self.blocks = nn.ModuleList(SelfAttentionBlock(embedding_dim, num_heads, dropout_rate)
                                     for _ in range(num_blocks))
         self.final_norm = nn.LayerNorm(embedding_dim, eps=1e-8)
@@ -231,8 +236,9 @@ class GSASRec(nn.Module):
         seq = self.item_embedding(input) + self.position_embedding(positions)
         seq = self.embedding_dropout(seq) * is_item
         attention_bias = None
-        # Without padding and without attention dropout, plain causal attention needs no explicit mask.
-        if (self.training and self.embedding_dropout.rate > 0) or not bool(is_item.all()):
+        # Padding, and the explicit attention that dropout needs (SelfAttentionBlock.drops_attention), need the mask
+        # as a tensor; otherwise plain causal attention needs none.
+        if not bool(is_item.all()) or any(block.drops_attention for block in self.blocks):
             causal = torch.ones(length, length, dtype=torch.bool, device=input.device).tril()
             # Keys are real items; each position also sees itself so rows of padding never become all-masked.
             allowed = causal & (is_item.transpose(1, 2) | torch.eye(length, dtype=torch.bool, device=input.device))

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gsasrec import CPU_ATTENTION_CHUNK, Dropout, GSASRec, causal_attention
+from gsasrec import CPU_ATTENTION_CHUNK, BitFieldDropout, GSASRec, causal_attention
 
 NUM_ITEMS, LENGTH = 50, 10
 PAD = NUM_ITEMS + 1
@@ -75,7 +75,7 @@ def test_predictions_exclude_rated_padding_and_zero_and_match_brute_force():
 
 @pytest.mark.parametrize("rate,bits", [(0.5, 1), (0.25, 2), (0.75, 2), (0.0625, 4), (0.3, 16)])
 def test_dropout_drops_at_the_rate_and_keeps_the_mean(rate, bits):
-    dropout = Dropout(rate).train()
+    dropout = BitFieldDropout(rate).train()
     assert dropout.bits == bits
     count = 400_003
     dropped = dropout(torch.ones(count)) == 0
@@ -144,7 +144,8 @@ def test_unpadded_inputs_take_the_causal_kernel_with_the_same_outputs():
 
 
 class NoDropout(torch.nn.Module):
-    """Stands in for a Dropout of nonzero rate that keeps everything, so training and eval paths can be compared."""
+    """Stands in for a BitFieldDropout of nonzero rate that keeps everything, so training and eval paths can be
+    compared."""
 
     rate = 0.5
 
@@ -157,7 +158,7 @@ def test_training_attention_with_dropout_equals_the_eval_kernel():
     model = small_model(dropout_rate=0.5)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, Dropout):
+            if isinstance(child, BitFieldDropout):
                 setattr(module, name, NoDropout())
     input = torch.randint(1, NUM_ITEMS + 1, (8, LENGTH))
     for row in range(8):
@@ -179,3 +180,13 @@ def test_chunked_causal_attention_equals_full_attention(length):
     bias = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
     torch.testing.assert_close(causal_attention(query, key, value, bias),
                                F.scaled_dot_product_attention(query, key, value, attn_mask=bias), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_dropout_without_embedding_dropout_gets_its_mask():
+    """Dropout on the attention weights takes the explicit path, which needs the mask tensor: the model builds it
+    for that reason, not because the embeddings also have dropout (an unpadded batch needs no mask otherwise)."""
+    torch.manual_seed(0)
+    model = GSASRec(20, sequence_length=8, embedding_dim=16, num_heads=2, num_blocks=1, dropout_rate=0.5).train()
+    model.embedding_dropout = BitFieldDropout(0.0)
+    hidden = model(torch.randint(1, 21, (3, 8)))
+    assert hidden.shape == (3, 8, 16) and torch.isfinite(hidden).all()
