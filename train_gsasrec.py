@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -101,56 +102,69 @@ class SampledCatalogueScores(torch.autograd.Function):
         return torch.cat(grad_hidden)[:count].float(), grad_table.to(table.dtype), None, None
 
 
+class GroupScores(NamedTuple):
+    """Scores at the targets (non-padded positions) of one length group, in row-major order."""
+    positive: torch.Tensor  # (n,)
+    negative: torch.Tensor | None  # (n, k); None when the catalogue product scores them after all groups
+    hidden: torch.Tensor  # (n, E) last hidden states
+
+
+def score_group(model: GSASRec, rows: torch.Tensor, negatives: torch.Tensor, config: GSASRecExperimentConfig,
+                score_catalogue: bool) -> GroupScores:
+    """One pass of the model over rows of similar length, cut to their longest: inputs rows[:, :-1], labels
+    rows[:, 1:]. negatives: (rows, k) ids per sequence, or (targets, k) per target in row-major order. Rows of
+    the output table are looked up with F.embedding, whose gradient on a CPU is far cheaper than indexing's."""
+    output_table = model.output_item_embeddings
+    width = max(int((rows != model.padding_id).sum(1).max()), 2)
+    input, labels = rows[:, -width:-1], rows[:, -width + 1:]
+    # Flat row numbers of the targets: index_select's gradient adds whole rows, far cheaper than a mask's.
+    targets = (input != model.padding_id).flatten().nonzero().squeeze(1)
+    bf16 = config.bf16 and has_native_bf16(rows.device)
+    with torch.autocast(rows.device.type, dtype=torch.bfloat16, enabled=bf16):
+        hidden = model(input).float()
+    target_hidden = hidden.flatten(0, 1).index_select(0, targets)
+    positive = (target_hidden * F.embedding(labels.flatten()[targets], output_table)).sum(-1)
+    if config.negative_sampling == "per_sequence":
+        negative = torch.bmm(hidden, F.embedding(negatives, output_table).transpose(1, 2))
+        return GroupScores(positive, negative.flatten(0, 1).index_select(0, targets), target_hidden)
+    if score_catalogue:
+        return GroupScores(positive, None, target_hidden)
+    # A few negatives (SASRec's k = 1): gathering their (n, k, E) embeddings is the cheaper way.
+    negative = torch.bmm(F.embedding(negatives, output_table), target_hidden.unsqueeze(-1)).squeeze(-1)
+    return GroupScores(positive, negative, target_hidden)
+
+
 def training_loss(model: GSASRec, batch: torch.Tensor, config: GSASRecExperimentConfig, beta: float,
                   generator: torch.Generator) -> torch.Tensor:
     """gBCE over every non-padded position of a (batch, width) window: inputs batch[:, :-1], labels batch[:, 1:].
 
-    On a CPU, rows go through the model in groups of similar length, each group cut to its longest row: the
-    same loss as one padded pass (sequences do not interact), with about 40% fewer positions on ML-1M. Rows of the
-    output table are looked up with F.embedding, whose gradient on a CPU is far cheaper than indexing's."""
-    k = config.negs_per_pos
-    bf16 = config.bf16 and has_native_bf16(batch.device)
-    output_table = model.output_item_embeddings
-    lengths = (batch != model.padding_id).sum(1)
-    # Drawn up front for every row, or per position for every target in row-major order, so the draw does not
-    # depend on grouping; target_numbers[row, column] is the target's row in the per-position draw.
+    On a CPU, rows go through score_group in groups of similar length: the same loss as one padded pass
+    (sequences do not interact), with about 40% fewer positions on ML-1M."""
+    # Drawn up front, for every row or for every target in row-major order, so the draw does not depend on
+    # grouping; target_numbers[row, column] is a target's row in the per-position draw.
     is_target = batch[:, :-1] != model.padding_id
     target_numbers = is_target.flatten().cumsum(0).view(is_target.shape) - 1
     count = len(batch) if config.negative_sampling == "per_sequence" else int(is_target.sum())
-    negatives = torch.randint(1, model.num_items + 1, (count, k), generator=generator,
+    negatives = torch.randint(1, model.num_items + 1, (count, config.negs_per_pos), generator=generator,
                               device=generator.device).to(batch.device)
-    score_catalogue = config.negative_sampling == "per_position" and k > SMALL_K_FRACTION * model.num_items
-    positive_scores, negative_scores, catalogue_hidden, catalogue_negatives = [], [], [], []
+    per_sequence = config.negative_sampling == "per_sequence"
+    score_catalogue = not per_sequence and config.negs_per_pos > SMALL_K_FRACTION * model.num_items
+    lengths = (batch != model.padding_id).sum(1)
     on_cpu = batch.device.type == "cpu"
     groups = length_groups(lengths, CPU_GROUP_PADDING) if on_cpu else [torch.arange(len(batch), device=batch.device)]
-    for group in groups:
-        rows = batch[group, -max(int(lengths[group].max()), 2):]
-        input, labels = rows[:, :-1], rows[:, 1:]
-        # Flat row numbers of the targets: index_select's gradient adds whole rows, far cheaper than a mask's.
-        targets = (input != model.padding_id).flatten().nonzero().squeeze(1)
-        with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=bf16):
-            hidden = model(input).float()
-        target_hidden = hidden.flatten(0, 1).index_select(0, targets)
-        positive_scores.append((target_hidden * F.embedding(labels.flatten()[targets], output_table)).sum(-1))
-        if config.negative_sampling == "per_sequence":
-            group_negatives = F.embedding(negatives[group], output_table).transpose(1, 2)
-            negative_scores.append(torch.bmm(hidden, group_negatives).flatten(0, 1).index_select(0, targets))
-            continue
-        group_negatives = negatives[target_numbers[group, -input.shape[1]:].flatten()[targets]]
-        if score_catalogue:
-            catalogue_hidden.append(target_hidden)
-            catalogue_negatives.append(group_negatives)
-        else:
-            # A few negatives (SASRec's k = 1): gathering their (n, k, E) embeddings is the cheaper way.
-            negative_scores.append(torch.bmm(F.embedding(group_negatives, output_table),
-                                             target_hidden.unsqueeze(-1)).squeeze(-1))
-    if score_catalogue:
-        # Many negatives: scoring the whole catalogue and gathering is far cheaper than (n, k, E); all groups'
-        # targets at once, so only the last block is padded.
-        dtype = torch.bfloat16 if config.bf16_scores and has_native_bf16(batch.device) else torch.float32
-        negative_scores = [SampledCatalogueScores.apply(torch.cat(catalogue_hidden), output_table,
-                                                        torch.cat(catalogue_negatives), dtype)]
-    return gbce_loss(torch.cat(positive_scores), torch.cat(negative_scores), beta)
+    group_negatives = [negatives[group] if per_sequence else negatives[target_numbers[group][is_target[group]]]
+                       for group in groups]
+    scores = [score_group(model, batch[group], group_negative, config, score_catalogue)
+              for group, group_negative in zip(groups, group_negatives)]
+    positive = torch.cat([group.positive for group in scores])
+    if not score_catalogue:
+        return gbce_loss(positive, torch.cat([group.negative for group in scores]), beta)
+    # Many negatives: scoring the whole catalogue and gathering is far cheaper than (n, k, E); all groups'
+    # targets at once, so only the last block is padded.
+    dtype = torch.bfloat16 if config.bf16_scores and has_native_bf16(batch.device) else torch.float32
+    negative = SampledCatalogueScores.apply(torch.cat([group.hidden for group in scores]),
+                                            model.output_item_embeddings, torch.cat(group_negatives), dtype)
+    return gbce_loss(positive, negative, beta)
 
 
 def build_optimizer(model: nn.Module, config: GSASRecExperimentConfig) -> torch.optim.Adam:
