@@ -31,9 +31,8 @@ def recommend_batched(model: GSASRec, inputs: Sequences, limit: int, filter_rate
     """Top-`limit` (items, scores) for every sequence: (n, limit) arrays in input order.
 
     Sequences are batched by length and each batch is cut to its longest input, so no work is spent on
-    columns of pure padding; with filter_rated every item of the whole input history is excluded. The first
-    block's keys and values come from tables computed once per call. The catalogue is scored afterwards in
-    batches of batch_size users (CPU batches of long sequences are small)."""
+    columns of pure padding; with filter_rated every item of the whole input history is excluded. The catalogue
+    is scored afterwards in batches of batch_size users (CPU batches of long sequences are small)."""
     device = next(model.parameters()).device
     limit = min(limit, model.num_items)  # lists longer than a small catalogue would rank non-items
     was_training = model.training
@@ -41,10 +40,9 @@ def recommend_batched(model: GSASRec, inputs: Sequences, limit: int, filter_rate
     lengths = inputs.lengths
     order = np.argsort(lengths, kind="stable")
     last_hidden = torch.empty(len(inputs), model.embedding_dim, device=device)
-    tables = model.first_block_key_value_tables()
     for rows in length_sorted_batches(np.minimum(lengths[order], model.sequence_length), order, batch_size, device):
         window = inputs.windows(rows, min(max(int(lengths[rows].max()), 1), model.sequence_length), model.padding_id)
-        hidden = model(torch.from_numpy(window).to(device), last_position_only=True, first_block_tables=tables)
+        hidden = model(torch.from_numpy(window).to(device), last_position_only=True)
         last_hidden[torch.from_numpy(rows).to(device)] = hidden[:, -1]
     items = np.empty((len(inputs), limit), dtype=np.int64)
     scores = np.empty((len(inputs), limit), dtype=np.float32)

@@ -3,8 +3,6 @@
 Importable on its own (torch only). Item ids run 1..num_items, num_items + 1 is padding, 0 is never an item.
 Sequences are left-padded; the prediction for a sequence is read at its last position.
 """
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,32 +49,9 @@ class BitFieldDropout(nn.Module):
         return x * keep.view(x.shape).to(x.dtype).mul_(self.scale)
 
 
-# PyTorch's CPU attention kernel skips no part of the causal mask at SASRec's lengths; queries in chunks of about
-# this many positions let each chunk leave out the keys after its own end.
-CPU_ATTENTION_CHUNK = 64
-
-
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The attention mask as a bias added to the logits: 0 where `allowed`, -inf elsewhere."""
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
-
-
-def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     attention_bias: torch.Tensor | None) -> torch.Tensor:
-    """scaled_dot_product_attention with attention_bias, or causal when it is None. On a CPU, n query chunks
-    attend only to the keys up to their end: (n + 1) / 2n of the work, the same result."""
-    length = query.shape[-2]
-    chunks = -(-length // CPU_ATTENTION_CHUNK)
-    if query.device.type != "cpu" or chunks < 2:
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_bias,
-                                              is_causal=attention_bias is None)
-    if attention_bias is None:
-        attention_bias = additive_mask(torch.ones(length, length, dtype=torch.bool, device=query.device).tril(),
-                                       query.dtype)
-    bounds = [length * chunk // chunks for chunk in range(chunks + 1)]
-    return torch.cat([F.scaled_dot_product_attention(query[..., start:end, :], key[..., :end, :], value[..., :end, :],
-                                                     attn_mask=attention_bias[..., start:end, :end])
-                      for start, end in zip(bounds, bounds[1:])], dim=-2)
 
 
 class SelfAttentionBlock(nn.Module):
@@ -101,64 +76,44 @@ class SelfAttentionBlock(nn.Module):
         return x.view(batch, length, self.num_heads, dim // self.num_heads).transpose(1, 2)
 
     def forward(self, seq: torch.Tensor, attention_bias: torch.Tensor | None, is_item: torch.Tensor,
-                last_position_only: bool = False, key_value: tuple[torch.Tensor, torch.Tensor] | None = None
-                ) -> torch.Tensor:
+                last_position_only: bool = False) -> torch.Tensor:
         """attention_bias: (batch, 1, L, L), 0 where a query may attend to a key and -inf elsewhere; None for
-        plain causal attention (no padding), which lets a GPU's fused kernel skip the masked half.
-        With last_position_only, only the last position's output is computed (keys still span the sequence).
-        key_value: this block's keys and values of `seq` when they are already known."""
+        plain causal attention (no padding), which lets a fused kernel skip the masked half. With
+        last_position_only, only the last position's output is computed (keys still span the sequence)."""
         normed = self.attention_norm(seq[:, -1:] if last_position_only else seq)
-        if last_position_only:
-            last_bias = None if attention_bias is None else attention_bias[:, 0, -1:]
-            attended = self.last_query_attention(self.query(normed), seq, last_bias)
-            return self.feed_forward_output(normed + attended) * is_item[:, -1:]
         query = self.split_heads(self.query(normed))
-        key, value = key_value if key_value is not None else (self.key(seq), self.value(seq))
-        key, value = self.split_heads(key), self.split_heads(value)
-        if self.drops_attention:
-            # One baddbmm scales the logits and adds the mask: two fewer passes over (batch, heads, L, L).
-            batch, heads, length, head_dim = query.shape
-            bias = attention_bias.expand(batch, heads, length, length).reshape(batch * heads, length, length)
-            logits = torch.baddbmm(bias, query.reshape(-1, length, head_dim),
-                                   key.reshape(-1, length, head_dim).transpose(1, 2), alpha=head_dim ** -0.5)
-            attended = (self.attention_dropout(logits.softmax(-1)) @ value.reshape(-1, length, head_dim)
-                        ).view(batch, heads, length, head_dim)
-        else:
-            attended = causal_attention(query, key, value, attention_bias)
-        return self.feed_forward_output(normed + attended.transpose(1, 2).reshape(normed.shape)) * is_item
+        key, value = self.split_heads(self.key(seq)), self.split_heads(self.value(seq))
+        if last_position_only and attention_bias is not None:
+            attention_bias = attention_bias[:, :, -1:]
+        # The last position may attend to every key: with no mask there is nothing to hide from it.
+        attended = self.attention(query, key, value, attention_bias, causal=not last_position_only)
+        output = self.feed_forward_output(normed + attended.transpose(1, 2).reshape(normed.shape))
+        return output * (is_item[:, -1:] if last_position_only else is_item)
 
     @property
     def drops_attention(self) -> bool:
         """Whether attention weights get dropout, which needs the explicit attention path and its mask tensor."""
         return self.training and self.attention_dropout.rate > 0
 
+    def attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_bias: torch.Tensor | None, causal: bool) -> torch.Tensor:
+        """softmax(Q K^T / sqrt(d) + bias) V per head. PyTorch's fused kernel where the weights get no dropout;
+        with dropout, the same product written out, so the weights go through BitFieldDropout (a test holds the
+        two equal)."""
+        if not self.drops_attention:
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_bias,
+                                                  is_causal=causal and attention_bias is None)
+        # One baddbmm scales the logits and adds the mask: two fewer passes over (batch, heads, L, L).
+        batch, heads, length, head_dim = query.shape
+        bias = attention_bias.expand(batch, heads, length, key.shape[2]).reshape(batch * heads, length, -1)
+        logits = torch.baddbmm(bias, query.reshape(-1, length, head_dim),
+                               key.reshape(-1, key.shape[2], head_dim).transpose(1, 2), alpha=head_dim ** -0.5)
+        weights = self.attention_dropout(logits.softmax(-1))
+        return (weights @ value.reshape(-1, key.shape[2], head_dim)).view(batch, heads, length, head_dim)
+
     def feed_forward_output(self, x: torch.Tensor) -> torch.Tensor:
         x = self.feed_forward_norm(x)
         return x + self.feed_forward(x)
-
-    def last_query_attention(self, query: torch.Tensor, seq: torch.Tensor, attention_bias: torch.Tensor | None
-                             ) -> torch.Tensor:
-        """Attention of one query per sequence, (batch, 1, E), without projecting every position's key and value.
-
-        Per head, q . (W_k x + b_k) = (W_k^T q) . x + q . b_k, whose last term is the same for every key and
-        cancels in the softmax; and sum_j p_j (W_v x_j + b_v) = W_v (sum_j p_j x_j) + b_v since the weights sum
-        to 1. So the key and value layers act on one vector per head instead of on every position."""
-        heads, head_dim = self.num_heads, query.shape[-1] // self.num_heads
-        key_weight = self.key.weight.view(heads, head_dim, -1)
-        value_weight = self.value.weight.view(heads, head_dim, -1)
-        folded_query = torch.einsum("bhd,hde->bhe", query.view(len(query), heads, head_dim), key_weight)
-        logits = (folded_query @ seq.transpose(1, 2)) * head_dim ** -0.5
-        if attention_bias is not None:
-            logits = logits + attention_bias
-        context = logits.softmax(-1) @ seq
-        attended = torch.einsum("bhe,hde->bhd", context, value_weight).reshape(len(query), 1, -1)
-        return attended + self.value.bias
-
-
-class FirstBlockTables(NamedTuple):
-    """The first block's keys and values side by side, (..., 2E), as per-item and per-position terms."""
-    items: torch.Tensor
-    positions: torch.Tensor
 
 
 class GSASRec(nn.Module):
@@ -209,25 +164,12 @@ class GSASRec(nn.Module):
         table = self.item_embedding if self.reuse_item_embeddings else self.output_embedding
         return table.weight
 
-    @torch.no_grad()
-    def first_block_key_value_tables(self) -> FirstBlockTables:
-        """Without dropout the first block's keys are W_k (e_item + e_position) + b_k = (W_k e_item) +
-        (W_k e_position + b_k), and so are its values: per-item and per-position tables of both terms turn two
-        matrix products per position into lookups. They hold for the current weights only: an evaluation pass
-        computes them once and hands them to every forward call."""
-        key, value = self.blocks[0].key, self.blocks[0].value
-        weight, bias = torch.cat([key.weight, value.weight]), torch.cat([key.bias, value.bias])
-        return FirstBlockTables(F.linear(self.item_embedding.weight, weight),
-                                F.linear(self.position_embedding.weight, weight, bias))
-
-    def forward(self, input: torch.Tensor, last_position_only: bool = False,
-                first_block_tables: FirstBlockTables | None = None) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, last_position_only: bool = False) -> torch.Tensor:
         """(batch, length) left-padded item ids -> (batch, length, E) hidden states ((batch, 1, E) with
         last_position_only, which skips the last block's work on every other position).
 
         A length shorter than sequence_length is read as the rightmost part of a full window, so cutting
-        away columns of pure padding changes nothing. first_block_tables (from first_block_key_value_tables,
-        in eval mode only) give the same outputs with less work."""
+        away columns of pure padding changes nothing."""
         length = input.shape[1]
         if length > self.sequence_length:
             raise ValueError(f"input length {length} exceeds sequence_length {self.sequence_length}")
@@ -243,18 +185,8 @@ class GSASRec(nn.Module):
             # Keys are real items; each position also sees itself so rows of padding never become all-masked.
             allowed = causal & (is_item.transpose(1, 2) | torch.eye(length, dtype=torch.bool, device=input.device))
             attention_bias = additive_mask(allowed, seq.dtype).unsqueeze(1)
-        key_value = None
-        if first_block_tables is not None:
-            if self.training:
-                raise ValueError("first_block_tables hold only without dropout: call model.eval() first")
-            # A single block run for the last position only folds its key and value layers instead.
-            if not (last_position_only and len(self.blocks) == 1):
-                # At padding they differ from the layers' outputs; only padding attends there, and it is zeroed.
-                key_value = (F.embedding(input, first_block_tables.items) + first_block_tables.positions[positions]
-                             ).split(self.embedding_dim, dim=-1)
         for index, block in enumerate(self.blocks):
-            seq = block(seq, attention_bias, is_item, last_position_only and index == len(self.blocks) - 1,
-                        key_value if index == 0 else None)
+            seq = block(seq, attention_bias, is_item, last_position_only and index == len(self.blocks) - 1)
         return self.final_norm(seq)
 
     @torch.no_grad()

@@ -1,9 +1,8 @@
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from gsasrec import CPU_ATTENTION_CHUNK, BitFieldDropout, GSASRec, causal_attention
+from gsasrec import BitFieldDropout, GSASRec
 
 NUM_ITEMS, LENGTH = 50, 10
 PAD = NUM_ITEMS + 1
@@ -102,7 +101,7 @@ def test_scores_can_start_at_a_prior():
 
 
 def test_last_position_only_equals_the_full_forward():
-    """The last block's shortcut (key and value layers folded into the single query) changes no output."""
+    """Computing the last block for the last position only (one query) changes no output."""
     model = small_model()
     with torch.no_grad():
         model.blocks[-1].key.bias.normal_()
@@ -112,25 +111,6 @@ def test_last_position_only_equals_the_full_forward():
         input[row, :row % LENGTH] = PAD
     full = model(input)[:, -1:]
     torch.testing.assert_close(model(input, last_position_only=True), full, rtol=1e-5, atol=1e-5)
-
-
-def test_first_block_tables_give_the_same_outputs():
-    """Keys and values looked up from per-item and per-position tables equal the key and value layers'."""
-    model = small_model()
-    with torch.no_grad():
-        model.blocks[0].key.bias.normal_()
-        model.blocks[0].value.bias.normal_()
-    input = torch.randint(1, NUM_ITEMS + 1, (12, LENGTH))
-    for row in range(12):
-        input[row, :row % LENGTH] = PAD
-    tables = model.first_block_key_value_tables()
-    for last_position_only in (False, True):
-        torch.testing.assert_close(model(input, last_position_only, first_block_tables=tables),
-                                   model(input, last_position_only), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(model(input[:, 4:], first_block_tables=tables)[-1], model(input[:, 4:])[-1],
-                               rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="eval"):
-        model.train()(input, first_block_tables=tables)
 
 
 def test_unpadded_inputs_take_the_causal_kernel_with_the_same_outputs():
@@ -165,21 +145,6 @@ def test_training_attention_with_dropout_equals_the_eval_kernel():
         input[row, :row] = PAD
     evaluated = model(input)
     torch.testing.assert_close(model.train()(input), evaluated, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("length", [CPU_ATTENTION_CHUNK + 1, 3 * CPU_ATTENTION_CHUNK + 7])
-def test_chunked_causal_attention_equals_full_attention(length):
-    """Query chunks that leave out later keys give the full kernel's output, with and without a padding mask."""
-    torch.manual_seed(0)
-    query, key, value = torch.randn(3, 4, 2, length, 8).unbind(0)
-    full = F.scaled_dot_product_attention(query, key, value, is_causal=True)
-    torch.testing.assert_close(causal_attention(query, key, value, None), full, rtol=1e-5, atol=1e-5)
-    padding = torch.arange(length) < torch.tensor([0, 5, length // 2, length - 1])[:, None]
-    allowed = torch.ones(length, length, dtype=torch.bool).tril() & (~padding[:, None, None, :] | torch.eye(
-        length, dtype=torch.bool))
-    bias = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
-    torch.testing.assert_close(causal_attention(query, key, value, bias),
-                               F.scaled_dot_product_attention(query, key, value, attn_mask=bias), rtol=1e-5, atol=1e-5)
 
 
 def test_attention_dropout_without_embedding_dropout_gets_its_mask():

@@ -517,8 +517,5 @@ def test_the_model_is_embeddings_then_plain_sasrec_blocks_then_a_layer_norm(num_
         expected = layer_norm(hidden, model.final_norm)
         torch.testing.assert_close(model(input), expected)
         torch.testing.assert_close(model(input, last_position_only=True)[:, -1], expected[:, -1])
-        tables = model.first_block_key_value_tables()
-        torch.testing.assert_close(model(input, last_position_only=True, first_block_tables=tables)[:, -1],
-                                   expected[:, -1])
         unpadded = input[:1]
         torch.testing.assert_close(model(unpadded), expected[:1])
