@@ -35,7 +35,8 @@ def main() -> None:
     parser.add_argument("--calibration", action="store_true",
                         help="report how calibrated sigmoid(top-1 score) is: mean predicted probability vs R@1, "
                              "overconfidence factor, expected calibration error")
-    parser.add_argument("--bins", type=positive_int, default=10, help="equal-mass bins for the calibration error (default 10)")
+    parser.add_argument("--bins", type=positive_int, default=10,
+                        help="equal-mass bins for the calibration error (default 10)")
     parser.add_argument("--plot", help="with --calibration: save the reliability diagram to this PNG")
     parser.add_argument("--write-official", metavar="PATH",
                         help="instead of evaluating, write the weights as the official port's bare state dict")

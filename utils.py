@@ -248,8 +248,8 @@ def write_official_checkpoint(checkpoint: dict, path: str) -> None:
     atomic_save(rename_parameters(checkpoint["model_state"], to_official=True), Path(path))
 
 
-def model_from_checkpoint(checkpoint: dict, config: GSASRecExperimentConfig | None = None,
-                          num_items: int | None = None, path: str = "checkpoint") -> tuple[GSASRec, GSASRecExperimentConfig]:
+def model_from_checkpoint(checkpoint: dict, config: GSASRecExperimentConfig | None = None, num_items: int | None = None,
+                          path: str = "checkpoint") -> tuple[GSASRec, GSASRecExperimentConfig]:
     """Rebuilds the model; a given config or dataset item count must agree with the checkpoint's."""
     saved_config = GSASRecExperimentConfig.from_dict(checkpoint["config"])
     if num_items is not None and num_items != checkpoint["num_items"]:
@@ -320,8 +320,9 @@ class CommandLineParser(argparse.ArgumentParser):
     """argparse for the scripts: the module docstring as help, and a bad flag reported like every other input
     problem (one 'error: ...' line, exit status 2) instead of argparse's usage block."""
 
-    def __init__(self, description: str):
-        super().__init__(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    def __init__(self, description: str | None = None, **options):
+        options.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(description=description, **options)
 
     def error(self, message: str):
         raise GSASRecError(f"{message} (see {self.prog} --help)")

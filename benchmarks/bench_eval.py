@@ -3,7 +3,6 @@
 --paper-way times evaluation as the official port does it (every user padded to the full sequence length,
 rated items masked and the run built for ir_measures in Python loops, item by item) with this repository's
 model: a baseline for machines where the official port itself was not measured."""
-import argparse
 import time
 
 import numpy as np
@@ -12,11 +11,12 @@ import torch
 from common import benchmark_dataset, report
 from eval_utils import evaluate
 from paper_way import paper_way_evaluate
-from utils import build_model, load_config, model_from_checkpoint, read_checkpoint, resolve_device, run_cli
+from utils import (CommandLineParser, build_model, load_config, model_from_checkpoint, read_checkpoint, resolve_device,
+                   run_cli)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = CommandLineParser(__doc__)
     parser.add_argument("--config", default="config_ml1m.py")
     parser.add_argument("--checkpoint", help="a trained checkpoint (default: a randomly initialised model)")
     parser.add_argument("--paper-way", action="store_true", help="the official port's way of evaluating")

@@ -3,7 +3,6 @@
 --paper-way times the step as the official port computes it (per-position negatives gathered into a
 (batch, L, k + 1, E) tensor, the loss in float64, one padded pass) with this repository's model: a baseline
 for machines where the official port itself was not measured."""
-import argparse
 import time
 
 import numpy as np
@@ -13,11 +12,12 @@ from common import benchmark_dataset, report
 from gsasrec import gbce_beta
 from paper_way import paper_way_loss
 from train_gsasrec import build_optimizer, training_batch, training_loss
-from utils import apply_overrides, build_model, has_native_bf16, load_config, resolve_device, run_cli
+from utils import (CommandLineParser, apply_overrides, build_model, has_native_bf16, load_config, resolve_device,
+                   run_cli)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = CommandLineParser(__doc__)
     parser.add_argument("--config", default="config_ml1m.py")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a config field, as train_gsasrec.py --set (e.g. negative_sampling=per_sequence, "

@@ -3,7 +3,6 @@
   python3 pre_trained/make_figures.py learning-curves --log NAME=PATH/log.jsonl ... --output curves.png
   python3 pre_trained/make_figures.py calibration --checkpoint NAME=PATH.pt ... --output calibration.png
 """
-import argparse
 import gzip
 import json
 import sys
@@ -15,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dataset_utils import ensure_dataset, load_dataset  # noqa: E402
 from eval_utils import plot_reliability_diagrams, ranking_metrics, recommend_batched, top1_calibration  # noqa: E402
-from utils import load_model, run_cli  # noqa: E402
+from utils import CommandLineParser, load_model, run_cli  # noqa: E402
 
 
 def named_paths(values: list[str]) -> dict[str, str]:
@@ -86,7 +85,7 @@ def calibration(checkpoints: dict[str, str], output: str, bins: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandLineParser(__doc__)
     parser.add_argument("figure", choices=["learning-curves", "calibration"])
     parser.add_argument("--log", action="append", default=[],
                         help="NAME=path/to/log.jsonl or log.jsonl.gz (learning curves)")

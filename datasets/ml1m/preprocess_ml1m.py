@@ -3,18 +3,17 @@
 The raw file comes from --source, else $GSASREC_ML1M_SOURCE, else datasets/ml1m/ml-1m.txt, else a download
 from the public URL; its sha256 is always checked. train_gsasrec.py runs this when the split is missing.
 """
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from dataset_utils import SPLIT_FILES, prepare_ml1m, sha256_of  # noqa: E402
-from utils import run_cli  # noqa: E402
+from utils import CommandLineParser, run_cli  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandLineParser(__doc__)
     parser.add_argument("--source", help="path to ml-1m.txt (sha256 b725f3ac...)")
     parser.add_argument("--output-dir", help="where to write the split (default: datasets/ml1m)")
     args = parser.parse_args()
