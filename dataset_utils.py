@@ -133,21 +133,26 @@ def format_sequences(sequences: Sequences) -> str:
                    for start, end in zip(sequences.offsets[:-1], sequences.offsets[1:]))
 
 
+def write_split_files(directory: Path, split_files: dict, stats: dict) -> None:
+    """The split files and dataset_stats.json, written into a new folder."""
+    for name, content in split_files.items():
+        path = Path(directory) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, Sequences):
+            path.write_text(format_sequences(content))
+        else:
+            path.write_text("".join(f"{item}\n" for item in content))
+    (Path(directory) / "dataset_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+
+
 def write_split(directory: Path, split_files: dict, stats: dict) -> None:
-    """Writes the split into a temporary folder and renames it into place, so no half-written
-    dataset is ever left behind."""
+    """Writes the split into a temporary folder and renames its entries into place, so no half-written file is
+    ever left behind; other files in the folder (ML-1M's source and script) stay."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
     try:
-        for name, content in split_files.items():
-            path = temporary / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if isinstance(content, Sequences):
-                path.write_text(format_sequences(content))
-            else:
-                path.write_text("".join(f"{item}\n" for item in content))
-        (temporary / "dataset_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+        write_split_files(temporary, split_files, stats)
         directory.mkdir(exist_ok=True)
         for name in ["train", "val", "test", "dataset_stats.json"]:
             target = directory / name

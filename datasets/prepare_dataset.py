@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from config import GSASRecError  # noqa: E402
 from dataset_utils import (DATASETS_DIR, DATASETS_DIR_ENV, dataset_directory, sequences_from_pairs,  # noqa: E402
-                           split_sequences, validation_user_mask, write_split)
+                           split_sequences, validation_user_mask, write_split_files)
 from utils import CommandLineParser, run_cli  # noqa: E402
 
 MIN_EVENTS_TO_SPLIT = 3
@@ -282,7 +282,7 @@ def write_dataset(directory: Path, split: dict, stats: dict, tables: dict) -> No
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
     try:
         built = staging / directory.name
-        write_split(built, split, stats)
+        write_split_files(built, split, stats)
         for name, table in tables.items():
             table.to_csv(built / name, sep="\t", index=False)
         if directory.exists():
