@@ -8,7 +8,7 @@ import time
 import numpy as np
 import torch
 
-from common import benchmark_dataset, report
+from common import add_dataset_options, benchmark_dataset, report
 from eval_utils import evaluate
 from paper_way import paper_way_evaluate
 from utils import (CommandLineParser, build_model, load_config, model_from_checkpoint, read_checkpoint, resolve_device,
@@ -22,10 +22,10 @@ def main() -> None:
     parser.add_argument("--paper-way", action="store_true", help="the official port's way of evaluating")
     parser.add_argument("--runs", type=int, default=5, help="timed evaluations")
     parser.add_argument("--device")
-    parser.add_argument("--source", help="path to ml-1m.txt")
+    add_dataset_options(parser)
     args = parser.parse_args()
     device = resolve_device(args.device)
-    dataset, dataset_name = benchmark_dataset(args.source)
+    dataset, dataset_name = benchmark_dataset(args)
     if args.checkpoint:
         model, config = model_from_checkpoint(read_checkpoint(args.checkpoint), num_items=dataset.num_items)
     else:

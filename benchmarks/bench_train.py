@@ -8,7 +8,7 @@ import time
 import numpy as np
 import torch
 
-from common import benchmark_dataset, report
+from common import add_dataset_options, benchmark_dataset, report
 from gsasrec import gbce_beta
 from paper_way import paper_way_loss
 from train_gsasrec import build_optimizer, training_batch, training_loss
@@ -27,11 +27,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--device")
-    parser.add_argument("--source", help="path to ml-1m.txt")
+    add_dataset_options(parser)
     args = parser.parse_args()
     config = apply_overrides(load_config(args.config), args.set)
     device = resolve_device(args.device)
-    dataset, dataset_name = benchmark_dataset(args.source)
+    dataset, dataset_name = benchmark_dataset(args)
     torch.manual_seed(0)
     model = build_model(config, dataset.num_items).to(device).train()
     optimizer = build_optimizer(model, config)

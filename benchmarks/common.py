@@ -1,4 +1,5 @@
-"""Shared by the benchmarks: the ML-1M split (or a synthetic one of the same shape) and the JSON report."""
+"""Shared by the benchmarks: the ML-1M split or a synthetic one of any size, and the JSON report."""
+import argparse
 import json
 import resource
 import sys
@@ -12,26 +13,43 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from config import GSASRecError  # noqa: E402
 from dataset_utils import (DatasetSplit, Sequences, ensure_dataset, load_dataset, offsets_from_lengths,  # noqa: E402
                            split_sequences, validation_user_mask)
-from utils import machine_description  # noqa: E402
+from utils import machine_description, positive_int  # noqa: E402
 
 
-def synthetic_ml1m_shaped(seed: int = 0) -> DatasetSplit:
-    """6040 users, 3416 items, sequence lengths drawn like ML-1M's (heavy-tailed, mean about 165)."""
+def synthetic_dataset(num_users: int = 6040, num_items: int = 3416, seed: int = 0) -> DatasetSplit:
+    """Users with sequence lengths drawn like ML-1M's (heavy-tailed, mean about 165) over items of Zipf-like
+    popularity (the item of popularity rank r with probability proportional to 1 / r); ML-1M's split scheme with
+    512 validation users, or a tenth of the users when there are fewer than 5,120."""
     rng = np.random.RandomState(seed)
-    lengths = np.clip(rng.lognormal(4.6, 0.95, 6040).astype(np.int64), 20, 2300)
+    lengths = np.clip(rng.lognormal(4.6, 0.95, num_users).astype(np.int64), 20, 2300)
     offsets = offsets_from_lengths(lengths)
-    sequences = Sequences(rng.randint(1, 3417, offsets[-1]).astype(np.int32), offsets)
-    split = split_sequences(sequences, validation_user_mask(np.arange(1, 6041), 6040, 512, 42))
+    popularity = np.cumsum(1.0 / np.arange(1, num_items + 1))
+    items = np.searchsorted(popularity / popularity[-1], rng.random_sample(offsets[-1])) + 1
+    user_ids = np.arange(1, num_users + 1)
+    val_users = min(512, max(1, num_users // 10))
+    split = split_sequences(Sequences(items.astype(np.int32), offsets),
+                            validation_user_mask(user_ids, num_users, val_users, 42))
     return DatasetSplit(split["train/input.txt"], split["val/input.txt"], split["val/output.txt"],
-                        split["test/input.txt"], split["test/output.txt"], 3416)
+                        split["test/input.txt"], split["test/output.txt"], num_items)
 
 
-def benchmark_dataset(source: str | None) -> tuple[DatasetSplit, str]:
-    try:
-        return load_dataset(ensure_dataset("ml1m", source)), "ml1m"
-    except GSASRecError as error:
-        print(f"ML-1M unavailable ({error}); using a synthetic dataset of the same shape", file=sys.stderr)
-        return synthetic_ml1m_shaped(), "synthetic-ml1m-shaped"
+def add_dataset_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", help="path to ml-1m.txt")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="a synthetic dataset (ML-1M-like lengths, Zipf-like popularity) instead of ML-1M")
+    parser.add_argument("--num-items", type=positive_int, default=3416, help="with --synthetic (default 3416)")
+    parser.add_argument("--num-users", type=positive_int, default=6040, help="with --synthetic (default 6040)")
+
+
+def benchmark_dataset(args: argparse.Namespace) -> tuple[DatasetSplit, str]:
+    """ML-1M, or the synthetic dataset asked for (or of ML-1M's size where ML-1M is unavailable)."""
+    if not args.synthetic:
+        try:
+            return load_dataset(ensure_dataset("ml1m", args.source)), "ml1m"
+        except GSASRecError as error:
+            print(f"ML-1M unavailable ({error}); using a synthetic dataset of its size", file=sys.stderr)
+    return (synthetic_dataset(args.num_users, args.num_items),
+            f"synthetic-{args.num_users}-users-{args.num_items}-items")
 
 
 def peak_rss_mb() -> float:

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from benchmarks.common import synthetic_dataset
 from config import GSASRecError
 from dataset_utils import (ML1M_SHA256, SPLIT_FILES, Sequences, find_ml1m_source, load_dataset, prepare_ml1m,
                            offsets_from_lengths, read_sequences, sequences_from_pairs, sha256_of, split_sequences)
@@ -93,3 +94,14 @@ def test_split_files_with_disagreeing_line_counts_are_rejected(tmp_path):
     targets.write_text("".join(targets.read_text().splitlines(keepends=True)[:-1]))
     with pytest.raises(GSASRecError, match="test: input.txt has 300 lines but output.txt has 299"):
         load_dataset(directory)
+
+
+def test_the_synthetic_benchmark_dataset_has_the_asked_size_and_zipf_like_popularity():
+    """benchmarks/ --synthetic: the asked numbers of users and items, ML-1M's split scheme, and item r drawn about
+    r times less often than item 1."""
+    dataset = synthetic_dataset(num_users=300, num_items=5000, seed=1)
+    assert (len(dataset.test_target), len(dataset.val_target), dataset.num_items) == (300, 30, 5000)
+    events = np.concatenate([dataset.train.items, dataset.test_target])
+    assert events.min() >= 1 and events.max() <= 5000
+    counts = np.bincount(events, minlength=5001)
+    assert 1.7 < counts[1] / counts[2] < 2.3 and 7 < counts[1] / counts[10] < 13
