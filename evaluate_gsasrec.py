@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dataset_utils import ensure_dataset, load_dataset
 from eval_utils import plot_reliability_diagrams, ranking_metrics, recommend_batched, top1_calibration
-from utils import (CommandLineParser, load_config, model_from_checkpoint, output_file, positive_int,
+from utils import (CommandLineParser, load_config, model_from_checkpoint, output_file, whole_number_at_least,
                    read_checkpoint, resolve_device, run_cli, write_official_checkpoint)
 
 
@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--calibration", action="store_true",
                         help="report how calibrated sigmoid(top-1 score) is: mean predicted probability vs R@1, "
                              "overconfidence factor, expected calibration error")
-    parser.add_argument("--bins", type=positive_int, default=10,
+    parser.add_argument("--bins", type=whole_number_at_least(1), default=10,
                         help="equal-mass bins for the calibration error (default 10)")
     parser.add_argument("--plot", help="with --calibration: save the reliability diagram to this PNG")
     parser.add_argument("--write-official", metavar="PATH",

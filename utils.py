@@ -281,7 +281,8 @@ def load_model(checkpoint_path: str, device: str | None = None, config: GSASRecE
 
 def recommend_batch(model: GSASRec, histories: list[list[int]], k: int = 10,
                     exclude_seen: bool = True) -> list[list[tuple[int, float]]]:
-    """Top-k (item_id, score) for each history (item ids, oldest first), in one batched forward pass."""
+    """Top-k (item_id, score) for each history (item ids, oldest first), as evaluation ranks (batched by length,
+    the last sequence_length items as input, the whole history excluded)."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise GSASRecError(f"k must be a whole number >= 1, got {k!r}")
     try:
@@ -340,12 +341,15 @@ def output_file(path: str | None, flag: str) -> Path | None:
     return path
 
 
-def positive_int(text: str) -> int:
-    """An argparse type for counts that must be at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def whole_number_at_least(minimum: int) -> typing.Callable[[str], int]:
+    """An argparse type for counts: a whole number of at least `minimum`, refused before any work."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    parse.__name__ = "whole number"  # argparse names the type in its message for text that is no number
+    return parse
 
 
 def run_cli(main) -> None:

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from config import GSASRecError  # noqa: E402
 from dataset_utils import (DatasetSplit, Sequences, ensure_dataset, load_dataset, offsets_from_lengths,  # noqa: E402
                            split_sequences, validation_user_mask)
-from utils import machine_description, positive_int  # noqa: E402
+from utils import machine_description, whole_number_at_least  # noqa: E402
 
 
 def synthetic_dataset(num_users: int = 6040, num_items: int = 3416, seed: int = 0) -> DatasetSplit:
@@ -37,8 +37,9 @@ def add_dataset_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", help="path to ml-1m.txt")
     parser.add_argument("--synthetic", action="store_true",
                         help="a synthetic dataset (ML-1M-like lengths, Zipf-like popularity) instead of ML-1M")
-    parser.add_argument("--num-items", type=positive_int, default=3416, help="with --synthetic (default 3416)")
-    parser.add_argument("--num-users", type=positive_int, default=6040, help="with --synthetic (default 6040)")
+    count = whole_number_at_least(1)
+    parser.add_argument("--num-items", type=count, default=3416, help="with --synthetic (default 3416)")
+    parser.add_argument("--num-users", type=count, default=6040, help="with --synthetic (default 6040)")
 
 
 def benchmark_dataset(args: argparse.Namespace) -> tuple[DatasetSplit, str]:

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from config import GSASRecError  # noqa: E402
 from dataset_utils import (DATASETS_DIR, DATASETS_DIR_ENV, dataset_directory, sequences_from_pairs,  # noqa: E402
                            split_sequences, validation_user_mask, write_split_files)
-from utils import CommandLineParser, run_cli  # noqa: E402
+from utils import CommandLineParser, run_cli, whole_number_at_least  # noqa: E402
 
 MIN_EVENTS_TO_SPLIT = 3
 SEPARATORS = {".csv": ",", ".tsv": "\t", ".txt": "\t"}
@@ -302,14 +302,6 @@ def next_steps(directory: Path) -> str:
             f"    {environment}python3 train_gsasrec.py --config=config_ml1m.py --set dataset_name={name}")
 
 
-def non_negative(text: str) -> int:
-    """An argparse type, so a negative threshold is refused before any work."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
 def parse_arguments() -> argparse.Namespace:
     parser = CommandLineParser(__doc__)
     parser.add_argument("--input", required=True, help="the log: .csv, .tsv, .txt or .parquet (.gz etc. ok)")
@@ -320,8 +312,10 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--time-col", help="event time, numbers or date-times (default: none, the file order)")
     parser.add_argument("--title-col", help="item title column, copied into items.tsv")
     parser.add_argument("--sep", help="column separator of a text file (default: ',' for .csv, tab for .tsv/.txt)")
-    parser.add_argument("--min-user-interactions", type=non_negative, default=5, help="k-core: 0 disables (default 5)")
-    parser.add_argument("--min-item-interactions", type=non_negative, default=5, help="k-core: 0 disables (default 5)")
+    parser.add_argument("--min-user-interactions", type=whole_number_at_least(0), default=5,
+                        help="k-core: 0 disables (default 5)")
+    parser.add_argument("--min-item-interactions", type=whole_number_at_least(0), default=5,
+                        help="k-core: 0 disables (default 5)")
     parser.add_argument("--num-val-users", type=int,
                         help=f"validation users (default {DEFAULT_VAL_USERS}, or a tenth of the users when fewer "
                              f"than {DEFAULT_VAL_USERS * 10} are left)")
