@@ -74,6 +74,24 @@ class Sequences:
         return Sequences(self.items[gather], offsets)
 
 
+def length_groups(lengths: np.ndarray, max_padding: int | None = None, max_rows: int | None = None,
+                  max_positions: int | None = None) -> list[np.ndarray]:
+    """Row numbers in groups of similar length, for passes that cut each group to its longest row: sorted by
+    length, a group takes the next row while the padding that cut adds stays within max_padding, its rows within
+    max_rows and its rows times its longest within max_positions. The greedy cut is a Python loop over the lengths
+    (about a microsecond a row)."""
+    order = np.argsort(lengths, kind="stable")
+    groups, start, total = [], 0, 0
+    for end, length in enumerate(lengths[order].tolist()):
+        rows, total = end - start + 1, total + length
+        if end > start and ((max_padding is not None and rows * length - total > max_padding)
+                            or (max_rows is not None and rows > max_rows)
+                            or (max_positions is not None and rows * length > max_positions)):
+            groups.append(order[start:end])
+            start, total = end, length
+    return groups + [order[start:]]
+
+
 @dataclass
 class DatasetSplit:
     """The five split files of a dataset, plus its item count (ids 1..num_items; num_items+1 pads)."""

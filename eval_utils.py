@@ -5,24 +5,12 @@ import pandas as pd
 import torch
 
 from config import GSASRecError
-from dataset_utils import Sequences
+from dataset_utils import Sequences, length_groups
 from gsasrec import GSASRec
 
 
 # On a CPU, activations of about this many positions fit the caches, which makes a forward pass markedly faster.
 CPU_TOKENS_PER_BATCH = 3200
-
-
-def length_sorted_batches(sorted_lengths: np.ndarray, order: np.ndarray, batch_size: int, device: torch.device):
-    """Batches of at most batch_size rows of `order`; on a CPU also of at most CPU_TOKENS_PER_BATCH positions."""
-    start = 0
-    while start < len(order):
-        rows = batch_size
-        if device.type == "cpu":
-            longest = max(int(sorted_lengths[min(start + batch_size, len(order)) - 1]), 1)
-            rows = min(batch_size, max(1, CPU_TOKENS_PER_BATCH // longest))
-        yield order[start:start + rows]
-        start += rows
 
 
 @torch.inference_mode()
@@ -40,7 +28,9 @@ def recommend_batched(model: GSASRec, inputs: Sequences, limit: int, filter_rate
     lengths = inputs.lengths
     order = np.argsort(lengths, kind="stable")
     last_hidden = torch.empty(len(inputs), model.embedding_dim, device=device)
-    for rows in length_sorted_batches(np.minimum(lengths[order], model.sequence_length), order, batch_size, device):
+    on_cpu = device.type == "cpu"
+    for rows in length_groups(np.minimum(lengths, model.sequence_length), max_rows=batch_size,
+                              max_positions=CPU_TOKENS_PER_BATCH if on_cpu else None):
         window = inputs.windows(rows, min(max(int(lengths[rows].max()), 1), model.sequence_length), model.padding_id)
         hidden = model(torch.from_numpy(window).to(device), last_position_only=True)
         last_hidden[torch.from_numpy(rows).to(device)] = hidden[:, -1]

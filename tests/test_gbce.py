@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from benchmarks.paper_way import explicit_gbce, paper_way_loss
 from config import GSASRecExperimentConfig
-from dataset_utils import DatasetSplit, Sequences, offsets_from_lengths
+from dataset_utils import DatasetSplit, Sequences, length_groups, offsets_from_lengths
 from gsasrec import GSASRec, gamma_transform, gbce_alpha, gbce_beta, gbce_loss
 import train_gsasrec
 from train_gsasrec import training_batch, training_loss
@@ -101,18 +101,30 @@ def test_fast_training_loss_equals_the_papers_way(negative_sampling, k, device, 
 
 
 def test_length_groups_cover_every_row_and_stop_at_the_padding_budget():
-    lengths = torch.from_numpy(np.random.RandomState(0).randint(2, 202, 500))
-    groups = train_gsasrec.length_groups(lengths, 256)
-    assert sorted(torch.cat(groups).tolist()) == list(range(500))
+    lengths = np.random.RandomState(0).randint(2, 202, 500)
+    groups = length_groups(lengths, max_padding=256)
+    assert sorted(np.concatenate(groups).tolist()) == list(range(500))
 
-    def padding(rows: torch.Tensor) -> int:
+    def padding(rows: np.ndarray) -> int:
         return int(lengths[rows].max() * len(rows) - lengths[rows].sum())
 
     assert all(padding(group) <= 256 for group in groups)
     # Each group stops because the next longer row would take it over the budget.
-    assert all(padding(torch.cat([group, following[:1]])) > 256 for group, following in zip(groups, groups[1:]))
+    assert all(padding(np.concatenate([group, following[:1]])) > 256 for group, following in zip(groups, groups[1:]))
     assert all(lengths[group].max() <= lengths[following].min() for group, following in zip(groups, groups[1:]))
     assert 10 < len(groups) < 100
+
+
+def test_length_groups_stop_at_a_row_count_and_a_position_count():
+    """Evaluation's batches: at most max_rows rows and max_positions positions (rows times the longest), each
+    group as large as those bounds let it be."""
+    lengths = np.random.RandomState(1).randint(0, 200, 1000)
+    groups = length_groups(lengths, max_rows=64, max_positions=3200)
+    assert sorted(np.concatenate(groups).tolist()) == list(range(1000))
+    assert all(len(group) <= 64 and len(group) * lengths[group].max() <= 3200 for group in groups)
+    for group, following in zip(groups, groups[1:]):
+        grown = np.concatenate([group, following[:1]])
+        assert len(grown) > 64 or len(grown) * lengths[grown].max() > 3200
 
 
 def test_random_training_windows_are_full_slices_ending_anywhere_after_the_first_full_window():
