@@ -11,6 +11,9 @@ from gsasrec import GSASRec
 
 # On a CPU, activations of about this many positions fit the caches, which makes a forward pass markedly faster.
 CPU_TOKENS_PER_BATCH = 3200
+# Scores of the full catalogue held at once (256 MB in float32): ML-1M scores 512 users a batch, a catalogue of a
+# million items 67, so memory stays bounded whatever the catalogue.
+CATALOGUE_SCORES_PER_BATCH = 2 ** 26
 
 
 @torch.inference_mode()
@@ -20,13 +23,12 @@ def recommend_batched(model: GSASRec, inputs: Sequences, limit: int, filter_rate
 
     Sequences are batched by length and each batch is cut to its longest input, so no work is spent on
     columns of pure padding; with filter_rated every item of the whole input history is excluded. The catalogue
-    is scored afterwards in batches of batch_size users (CPU batches of long sequences are small)."""
+    is scored afterwards in batches of at most batch_size users and CATALOGUE_SCORES_PER_BATCH scores."""
     device = next(model.parameters()).device
     limit = min(limit, model.num_items)  # lists longer than a small catalogue would rank non-items
     was_training = model.training
     model.eval()
     lengths = inputs.lengths
-    order = np.argsort(lengths, kind="stable")
     last_hidden = torch.empty(len(inputs), model.embedding_dim, device=device)
     on_cpu = device.type == "cpu"
     for rows in length_groups(np.minimum(lengths, model.sequence_length), max_rows=batch_size,
@@ -36,8 +38,8 @@ def recommend_batched(model: GSASRec, inputs: Sequences, limit: int, filter_rate
         last_hidden[torch.from_numpy(rows).to(device)] = hidden[:, -1]
     items = np.empty((len(inputs), limit), dtype=np.int64)
     scores = np.empty((len(inputs), limit), dtype=np.float32)
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
+    users_per_scoring = max(1, min(batch_size, CATALOGUE_SCORES_PER_BATCH // (model.num_items + 2)))
+    for rows in length_groups(lengths, max_rows=users_per_scoring):
         longest = max(int(lengths[rows].max()), 1)
         rated = torch.from_numpy(inputs.windows(rows, longest, model.padding_id)).to(device) if filter_rated else None
         top_items, top_scores = model.top_items(last_hidden[torch.from_numpy(rows).to(device)], limit, rated)

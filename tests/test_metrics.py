@@ -6,6 +6,7 @@ import torch
 
 from benchmarks.paper_way import paper_way_evaluate
 from dataset_utils import Sequences, offsets_from_lengths
+import eval_utils
 from eval_utils import evaluate, ir_measures_metrics, ranking_metrics, recommend_batched
 from gsasrec import GSASRec
 
@@ -32,10 +33,19 @@ def random_model_and_histories(num_items: int, sequence_length: int, num_heads: 
     return model, Sequences(rng.randint(1, num_items + 1, offsets[-1]).astype(np.int32), offsets)
 
 
-def test_batched_recommendations_equal_one_padded_pass():
+@pytest.mark.parametrize("catalogue_scores_per_batch", [None, 100])
+def test_batched_recommendations_equal_one_padded_pass(catalogue_scores_per_batch, monkeypatch):
+    """Also when the catalogue's scores are held for only 3 users at a time (100 scores of 32 ids)."""
+    if catalogue_scores_per_batch:
+        monkeypatch.setattr(eval_utils, "CATALOGUE_SCORES_PER_BATCH", catalogue_scores_per_batch)
     model, inputs = random_model_and_histories(30, 8, num_heads=1, num_users=40, max_length=15, seed=0)
     offsets = inputs.offsets
+    scored_users = []
+    top_items = model.top_items
+    monkeypatch.setattr(model, "top_items", lambda hidden, *args: scored_users.append(len(hidden)) or
+                        top_items(hidden, *args))
     items, scores = recommend_batched(model, inputs, limit=5, filter_rated=True, batch_size=7)
+    assert sum(scored_users) == 40 and max(scored_users) == (3 if catalogue_scores_per_batch else 7)
     rows = np.arange(40)
     window = torch.from_numpy(inputs.windows(rows, 8, 31))
     history = torch.from_numpy(inputs.windows(rows, 14, 31))
