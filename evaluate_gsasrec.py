@@ -46,12 +46,12 @@ def main() -> None:
     checkpoint_path = args.checkpoint or args.checkpoint_path
     if not checkpoint_path:
         parser.error("give a checkpoint: --checkpoint PATH (or PATH)")
-    outputs = {flag: output_file(getattr(args, flag[2:].replace("-", "_")), flag)
-               for flag in ("--output", "--plot", "--write-official")}
+    output, plot = output_file(args.output, "--output"), output_file(args.plot, "--plot")
+    official_output = output_file(args.write_official, "--write-official")
     config = load_config(args.config) if args.config else None
     checkpoint = read_checkpoint(checkpoint_path, config)
-    if outputs["--write-official"]:
-        write_official_checkpoint(checkpoint, outputs["--write-official"])
+    if official_output:
+        write_official_checkpoint(checkpoint, official_output)
         print(f"Wrote {args.write_official} (official-port format: evaluate it with its config)")
         return
     dataset_name = (config.dataset_name if config else checkpoint["config"]["dataset_name"])
@@ -77,11 +77,11 @@ def main() -> None:
     if args.calibration:
         result["calibration"] = top1_calibration(recommended, scores, targets, args.bins)
         print_calibration(result["calibration"])
-        if outputs["--plot"]:
-            plot_reliability_diagrams({Path(checkpoint_path).name[:40]: result["calibration"]}, outputs["--plot"])
-            print(f"Reliability diagram saved to {outputs['--plot']}")
-    if outputs["--output"]:
-        outputs["--output"].write_text(json.dumps(result, indent=2) + "\n")
+        if plot:
+            plot_reliability_diagrams({Path(checkpoint_path).name[:40]: result["calibration"]}, plot)
+            print(f"Reliability diagram saved to {plot}")
+    if output:
+        output.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
