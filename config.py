@@ -57,6 +57,10 @@ class GSASRecExperimentConfig:
     # Per-position negatives with many k score the whole catalogue: do that product in bf16 where the hardware
     # has native bf16 (0.35 s a step instead of 0.41 s on an AMX CPU; loss and gradients within 1% of float32's).
     bf16_scores: bool = False
+    # Update the item tables lazily (torch.optim.SparseAdam): only the rows a step touched, their Adam moments
+    # included, instead of Adam over every row. Not Adam's arithmetic (a row's moments decay only when it is
+    # touched), but a step then costs about the same on a million-item catalogue as on ML-1M (docs/performance.md).
+    sparse_item_updates: bool = False
     # Validate, checkpoint and ship an exponential moving average of the weights, updated after every step with
     # this decay (e.g. 0.999, about the last 1,000 steps); None keeps the raw weights, as the official port.
     weight_averaging_decay: float | None = None

@@ -118,11 +118,13 @@ class SelfAttentionBlock(nn.Module):
 
 class GSASRec(nn.Module):
     """SASRec's architecture; scores are dot products of the last hidden state with an output item table that
-    is separate from the input one unless reuse_item_embeddings (vanilla SASRec)."""
+    is separate from the input one unless reuse_item_embeddings (vanilla SASRec). With sparse_item_gradients the
+    item tables get sparse gradients (rows a batch touched only), for torch.optim.SparseAdam on large catalogues."""
 
     def __init__(self, num_items: int, sequence_length: int = 200, embedding_dim: int = 256, num_heads: int = 4,
                  num_blocks: int = 3, dropout_rate: float = 0.0, reuse_item_embeddings: bool = False,
-                 embedding_init_std: float | None = None, initial_score: float | None = None):
+                 embedding_init_std: float | None = None, initial_score: float | None = None,
+                 sparse_item_gradients: bool = False):
         super().__init__()
         if num_items < 1:
             raise ValueError(f"num_items must be at least 1, got {num_items}")
@@ -130,7 +132,7 @@ class GSASRec(nn.Module):
         self.padding_id = num_items + 1
         self.sequence_length = sequence_length
         self.embedding_dim = embedding_dim
-        self.item_embedding = nn.Embedding(num_items + 2, embedding_dim)
+        self.item_embedding = nn.Embedding(num_items + 2, embedding_dim, sparse=sparse_item_gradients)
         self.position_embedding = nn.Embedding(sequence_length, embedding_dim)
         self.embedding_dropout = BitFieldDropout(dropout_rate)
         self.blocks = nn.ModuleList(SelfAttentionBlock(embedding_dim, num_heads, dropout_rate)
@@ -138,7 +140,7 @@ class GSASRec(nn.Module):
         self.final_norm = nn.LayerNorm(embedding_dim, eps=1e-8)
         self.reuse_item_embeddings = reuse_item_embeddings
         if not reuse_item_embeddings:
-            self.output_embedding = nn.Embedding(num_items + 2, embedding_dim)
+            self.output_embedding = nn.Embedding(num_items + 2, embedding_dim, sparse=sparse_item_gradients)
         if embedding_init_std is not None:
             for module in self.modules():
                 if isinstance(module, nn.Embedding):

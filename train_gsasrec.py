@@ -61,8 +61,9 @@ class SampledCatalogueScores(torch.autograd.Function):
     With dtype bf16 the products run in bf16; scores and gradients come back in float32."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, table: torch.Tensor, negatives: torch.Tensor,
-                dtype: torch.dtype) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, table: torch.Tensor, negatives: torch.Tensor, dtype: torch.dtype,
+                sparse: bool) -> torch.Tensor:
+        ctx.sparse = sparse
         padding = -len(hidden) % CATALOGUE_BLOCK_ROWS
         hidden_blocks = F.pad(hidden.to(dtype), (0, 0, 0, padding)).view(-1, CATALOGUE_BLOCK_ROWS, hidden.shape[1])
         negative_blocks = F.pad(negatives, (0, 0, 0, padding)).view(len(hidden_blocks), CATALOGUE_BLOCK_ROWS, -1)
@@ -86,7 +87,51 @@ class SampledCatalogueScores(torch.autograd.Function):
             grad_block_scores = grad_block_scores.to(table_low.dtype)
             grad_hidden.append(grad_block_scores @ table_low)
             grad_table += grad_block_scores.T @ block
-        return torch.cat(grad_hidden)[:count].float(), grad_table.to(table.dtype), None, None
+        grad_table = grad_table.to(table.dtype)
+        return (torch.cat(grad_hidden)[:count].float(), grad_table.to_sparse(1) if ctx.sparse else grad_table,
+                None, None, None)
+
+
+# Target rows per chunk when gathering each target's own negatives: a chunk's (rows, k, E) embeddings hold at most
+# this many numbers (on a catalogue of a million items, 15,000 targets x 256 negatives x 128 would be 2 GB at once).
+GATHERED_NUMBERS_PER_CHUNK = 2 ** 22
+
+
+def sparse_rows(table_shape: torch.Size, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A (num_items + 2, E) gradient that is zero outside `rows` (unique ids), as a sparse tensor."""
+    return torch.sparse_coo_tensor(rows.unsqueeze(0), values, table_shape, is_coalesced=True, check_invariants=False)
+
+
+class GatheredScores(torch.autograd.Function):
+    """Scores of each target's own k negatives, (n, k): hidden rows dotted with their gathered table rows, in
+    chunks of rows so the (n, k, E) embeddings never exist at once. The backward needs no (n, k, E) either: the
+    hidden gradient is an embedding_bag of the table weighted by the score gradient, and the table gradient is
+    added chunk by chunk into the rows the negatives touch (a sparse gradient when sparse)."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, table: torch.Tensor, negatives: torch.Tensor, sparse: bool) -> torch.Tensor:
+        ctx.save_for_backward(hidden, table, negatives)
+        ctx.sparse = sparse
+        ctx.chunk = max(1, GATHERED_NUMBERS_PER_CHUNK // (negatives.shape[1] * hidden.shape[1]))
+        return torch.cat([torch.bmm(F.embedding(chunk_negatives, table), chunk_hidden.unsqueeze(-1)).squeeze(-1)
+                          for chunk_hidden, chunk_negatives in zip(hidden.split(ctx.chunk), negatives.split(ctx.chunk))])
+
+    @staticmethod
+    def backward(ctx, grad_scores: torch.Tensor):
+        hidden, table, negatives = ctx.saved_tensors
+        grad_hidden = F.embedding_bag(negatives, table, per_sample_weights=grad_scores, mode="sum")
+        if ctx.sparse:
+            rows, row_numbers = torch.unique(negatives, return_inverse=True)
+        else:
+            rows, row_numbers = None, negatives
+        grad_rows = torch.zeros(len(table) if rows is None else len(rows), table.shape[1], dtype=table.dtype,
+                                device=table.device)
+        for chunk_hidden, chunk_rows, chunk_grad in zip(hidden.split(ctx.chunk), row_numbers.split(ctx.chunk),
+                                                        grad_scores.split(ctx.chunk)):
+            contributions = chunk_grad.unsqueeze(-1) * chunk_hidden.unsqueeze(1)
+            grad_rows.index_add_(0, chunk_rows.flatten(), contributions.flatten(0, 1))
+        grad_table = grad_rows if rows is None else sparse_rows(table.shape, rows, grad_rows)
+        return grad_hidden, grad_table, None, None
 
 
 class GroupScores(NamedTuple):
@@ -101,7 +146,7 @@ def score_group(model: GSASRec, rows: torch.Tensor, negatives: torch.Tensor, con
     """One pass of the model over rows of similar length, cut to their longest: inputs rows[:, :-1], labels
     rows[:, 1:]. negatives: (rows, k) ids per sequence, or (targets, k) per target in row-major order. Rows of
     the output table are looked up with F.embedding, whose gradient on a CPU is far cheaper than indexing's."""
-    output_table = model.output_item_embeddings
+    output_table, sparse = model.output_item_embeddings, model.item_embedding.sparse
     width = max(int((rows != model.padding_id).sum(1).max()), 2)
     input, labels = rows[:, -width:-1], rows[:, -width + 1:]
     # Flat row numbers of the targets: index_select's gradient adds whole rows, far cheaper than a mask's.
@@ -110,15 +155,14 @@ def score_group(model: GSASRec, rows: torch.Tensor, negatives: torch.Tensor, con
     with torch.autocast(rows.device.type, dtype=torch.bfloat16, enabled=bf16):
         hidden = model(input).float()
     target_hidden = hidden.flatten(0, 1).index_select(0, targets)
-    positive = (target_hidden * F.embedding(labels.flatten()[targets], output_table)).sum(-1)
+    positive = (target_hidden * F.embedding(labels.flatten()[targets], output_table, sparse=sparse)).sum(-1)
     if config.negative_sampling == "per_sequence":
-        negative = torch.bmm(hidden, F.embedding(negatives, output_table).transpose(1, 2))
+        negative = torch.bmm(hidden, F.embedding(negatives, output_table, sparse=sparse).transpose(1, 2))
         return GroupScores(positive, negative.flatten(0, 1).index_select(0, targets), target_hidden)
     if score_catalogue:
         return GroupScores(positive, None, target_hidden)
-    # A few negatives (SASRec's k = 1): gathering their (n, k, E) embeddings is the cheaper way.
-    negative = torch.bmm(F.embedding(negatives, output_table), target_hidden.unsqueeze(-1)).squeeze(-1)
-    return GroupScores(positive, negative, target_hidden)
+    # Few negatives for the catalogue (SASRec's k = 1, or a large catalogue): gathering them is the cheaper way.
+    return GroupScores(positive, GatheredScores.apply(target_hidden, output_table, negatives, sparse), target_hidden)
 
 
 def training_loss(model: GSASRec, batch: torch.Tensor, config: GSASRecExperimentConfig, beta: float,
@@ -151,15 +195,46 @@ def training_loss(model: GSASRec, batch: torch.Tensor, config: GSASRecExperiment
     # targets at once, so only the last block is padded.
     dtype = torch.bfloat16 if config.bf16_scores and has_native_bf16(batch.device) else torch.float32
     negative = SampledCatalogueScores.apply(torch.cat([group.hidden for group in scores]),
-                                            model.output_item_embeddings, torch.cat(group_negatives), dtype)
+                                            model.output_item_embeddings, torch.cat(group_negatives), dtype,
+                                            model.item_embedding.sparse)
     return gbce_loss(positive, negative, beta)
 
 
-def build_optimizer(model: nn.Module, config: GSASRecExperimentConfig) -> torch.optim.Adam:
+class AdamWithLazyTables(torch.optim.Optimizer):
+    """Adam for every parameter but the item tables, which take torch.optim.SparseAdam's lazy update
+    (sparse_item_updates): one optimizer for the learning-rate schedule and the training state."""
+
+    def __init__(self, dense: list[nn.Parameter], tables: list[nn.Parameter], lr: float, fused: bool):
+        self.parts = (torch.optim.Adam(dense, lr=lr, fused=fused), torch.optim.SparseAdam(tables, lr=lr))
+        super().__init__(self.part_groups(), {"lr": lr, "fused": fused})
+
+    def part_groups(self) -> list[dict]:
+        """The parts' own parameter groups, so a learning rate set here is the one they use."""
+        return [group for part in self.parts for group in part.param_groups]
+
+    def step(self, closure=None) -> None:
+        for part in self.parts:
+            part.step()
+
+    def state_dict(self) -> dict:
+        return {"parts": [part.state_dict() for part in self.parts]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        for part, part_state in zip(self.parts, state_dict["parts"]):
+            part.load_state_dict(part_state)
+        self.param_groups = self.part_groups()  # loading replaced the parts' group dicts
+
+
+def build_optimizer(model: GSASRec, config: GSASRecExperimentConfig) -> torch.optim.Optimizer:
     """Adam at the config's learning rate, with PyTorch's fused kernel on CPUs and CUDA: one pass over each
-    parameter instead of about ten (4.5 ms of a CPU step on ML-1M)."""
+    parameter instead of about ten (4.5 ms of a CPU step on ML-1M). With sparse_item_updates the item tables
+    are updated lazily instead (AdamWithLazyTables)."""
     fused = next(model.parameters()).device.type in ("cpu", "cuda")
-    return torch.optim.Adam(model.parameters(), lr=config.learning_rate, fused=fused)
+    if not config.sparse_item_updates:
+        return torch.optim.Adam(model.parameters(), lr=config.learning_rate, fused=fused)
+    tables = [module.weight for module in model.modules() if isinstance(module, nn.Embedding) and module.sparse]
+    dense = [parameter for parameter in model.parameters() if all(parameter is not table for table in tables)]
+    return AdamWithLazyTables(dense, tables, config.learning_rate, fused)
 
 
 def training_batch(dataset: DatasetSplit, rows: np.ndarray, config: GSASRecExperimentConfig,

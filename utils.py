@@ -92,7 +92,8 @@ def build_model(config: GSASRecExperimentConfig, num_items: int) -> GSASRec:
                    num_heads=config.num_heads, num_blocks=config.num_blocks, dropout_rate=config.dropout_rate,
                    reuse_item_embeddings=config.reuse_item_embeddings,
                    embedding_init_std=config.embedding_init_std,
-                   initial_score=-math.log(num_items) if config.prior_score_init else None)
+                   initial_score=-math.log(num_items) if config.prior_score_init else None,
+                   sparse_item_gradients=config.sparse_item_updates)
 
 
 def resolve_device(name: str | None = None) -> torch.device:

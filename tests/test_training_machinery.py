@@ -250,6 +250,52 @@ def test_the_learning_rate_continues_exactly_across_interruptions(synthetic_data
         assert torch.equal(value, b["model_state"][name]), name
 
 
+@pytest.mark.parametrize("reuse_item_embeddings", [False, True])
+def test_sparse_item_updates_are_adam_on_the_touched_rows_and_leave_the_others(synthetic_datasets_dir,
+                                                                             reuse_item_embeddings):
+    """sparse_item_updates: the item tables' gradients are sparse, and the optimiser moves exactly the rows a step
+    touched. From equal weights, the first step equals Adam's everywhere (no moments yet); in the second, Adam
+    also moves the rows only the first step touched (momentum), the lazy update leaves them, and every row the
+    second step touched moves by the same amount in both (each row's moments saw the same two gradients)."""
+    dataset = load_dataset(dataset_directory("successor"))
+    models, optimizers = [], []
+    for sparse in (False, True):
+        config = small_config(sparse_item_updates=sparse, reuse_item_embeddings=reuse_item_embeddings,
+                              negative_sampling="per_position")
+        torch.manual_seed(0)
+        models.append(build_model(config, dataset.num_items))
+        optimizers.append(train_gsasrec.build_optimizer(models[-1], config))
+        for group in optimizers[-1].param_groups:
+            group["eps"] = 1e-20  # SparseAdam adds eps before the bias correction, Adam after: make it vanish
+    assert isinstance(optimizers[1], train_gsasrec.AdamWithLazyTables)
+    beta = 0.5
+    touched = []
+    for step, rows in enumerate((np.arange(0, 4), np.arange(4, 8))):
+        batch = train_gsasrec.training_batch(dataset, rows, small_config(), torch.Generator())
+        for model, optimizer in zip(models, optimizers):
+            optimizer.zero_grad(set_to_none=True)
+            torch.manual_seed(step)  # the same dropout masks for both
+            train_gsasrec.training_loss(model, batch, small_config(), beta, torch.Generator().manual_seed(step)
+                                        ).backward()
+            table = model.output_item_embeddings
+            assert table.grad.is_sparse == model.item_embedding.sparse
+            if table.grad.is_sparse:
+                touched.append(set(table.grad.coalesce().indices()[0].tolist()))
+            optimizer.step()
+        dense, lazy = (model.output_item_embeddings.detach() for model in models)
+        if step == 0:
+            before_second = [table.clone() for table in (dense, lazy)]
+            for name, value in models[0].state_dict().items():
+                assert torch.allclose(value, models[1].state_dict()[name], atol=1e-7), name
+    first_only = sorted(touched[0] - touched[1])
+    second = sorted(touched[1])
+    assert first_only and second
+    moved = lambda table, before: (table - before).abs().amax(1)  # noqa: E731
+    assert (moved(dense, before_second[0])[first_only] > 0).all()
+    assert (moved(lazy, before_second[1])[first_only] == 0).all()
+    assert torch.allclose(dense[second], lazy[second], atol=1e-6)
+
+
 # 4. The prior score init through build_model.
 
 @pytest.mark.parametrize("reuse_item_embeddings", [False, True])
