@@ -135,18 +135,17 @@ class GatheredScores(torch.autograd.Function):
 
 
 class GroupScores(NamedTuple):
-    """Scores at the targets (non-padded positions) of one length group, in row-major order."""
-    positive: torch.Tensor  # (n,)
-    negative: torch.Tensor | None  # (n, k); None when the catalogue product scores them after all groups
+    """One length group's targets (non-padded positions), in row-major order."""
     hidden: torch.Tensor  # (n, E) last hidden states
+    labels: torch.Tensor  # (n,) the items to predict
+    negative: torch.Tensor | None  # (n, k) scores of per-sequence negatives; None for per-position ones
 
 
-def score_group(model: GSASRec, rows: torch.Tensor, negatives: torch.Tensor, config: GSASRecExperimentConfig,
-                score_catalogue: bool) -> GroupScores:
+def score_group(model: GSASRec, rows: torch.Tensor, negatives: torch.Tensor | None,
+                config: GSASRecExperimentConfig) -> GroupScores:
     """One pass of the model over rows of similar length, cut to their longest: inputs rows[:, :-1], labels
-    rows[:, 1:]. negatives: (rows, k) ids per sequence, or (targets, k) per target in row-major order. Rows of
-    the output table are looked up with F.embedding, whose gradient on a CPU is far cheaper than indexing's."""
-    output_table, sparse = model.output_item_embeddings, model.item_embedding.sparse
+    rows[:, 1:]. negatives: (rows, k) ids per sequence, or None for per-position negatives. Rows of the output
+    table are looked up with F.embedding, whose gradient on a CPU is far cheaper than indexing's."""
     width = max(int((rows != model.padding_id).sum(1).max()), 2)
     input, labels = rows[:, -width:-1], rows[:, -width + 1:]
     # Flat row numbers of the targets: index_select's gradient adds whole rows, far cheaper than a mask's.
@@ -154,15 +153,12 @@ def score_group(model: GSASRec, rows: torch.Tensor, negatives: torch.Tensor, con
     bf16 = config.bf16 and has_native_bf16(rows.device)
     with torch.autocast(rows.device.type, dtype=torch.bfloat16, enabled=bf16):
         hidden = model(input).float()
-    target_hidden = hidden.flatten(0, 1).index_select(0, targets)
-    positive = (target_hidden * F.embedding(labels.flatten()[targets], output_table, sparse=sparse)).sum(-1)
-    if config.negative_sampling == "per_sequence":
-        negative = torch.bmm(hidden, F.embedding(negatives, output_table, sparse=sparse).transpose(1, 2))
-        return GroupScores(positive, negative.flatten(0, 1).index_select(0, targets), target_hidden)
-    if score_catalogue:
-        return GroupScores(positive, None, target_hidden)
-    # Few negatives for the catalogue (SASRec's k = 1, or a large catalogue): gathering them is the cheaper way.
-    return GroupScores(positive, GatheredScores.apply(target_hidden, output_table, negatives, sparse), target_hidden)
+    target_hidden, target_labels = hidden.flatten(0, 1).index_select(0, targets), labels.flatten()[targets]
+    if negatives is None:
+        return GroupScores(target_hidden, target_labels, None)
+    embeddings = F.embedding(negatives, model.output_item_embeddings, sparse=model.item_embedding.sparse)
+    negative = torch.bmm(hidden, embeddings.transpose(1, 2)).flatten(0, 1).index_select(0, targets)
+    return GroupScores(target_hidden, target_labels, negative)
 
 
 def training_loss(model: GSASRec, batch: torch.Tensor, config: GSASRecExperimentConfig, beta: float,
@@ -170,34 +166,34 @@ def training_loss(model: GSASRec, batch: torch.Tensor, config: GSASRecExperiment
     """gBCE over every non-padded position of a (batch, width) window: inputs batch[:, :-1], labels batch[:, 1:].
 
     On a CPU, rows go through score_group in groups of similar length: the same loss as one padded pass
-    (sequences do not interact), with about 40% fewer positions on ML-1M."""
+    (sequences do not interact), with about 40% fewer positions on ML-1M. Positives and per-position negatives
+    are scored after all groups, all targets at once: one gradient of the output table instead of one a group."""
     # Drawn up front, for every row or for every target in row-major order, so the draw does not depend on
     # grouping; target_numbers[row, column] is a target's row in the per-position draw.
     is_target = batch[:, :-1] != model.padding_id
-    target_numbers = is_target.flatten().cumsum(0).view(is_target.shape) - 1
-    count = len(batch) if config.negative_sampling == "per_sequence" else int(is_target.sum())
+    per_sequence = config.negative_sampling == "per_sequence"
+    count = len(batch) if per_sequence else int(is_target.sum())
     negatives = torch.randint(1, model.num_items + 1, (count, config.negs_per_pos), generator=generator,
                               device=generator.device).to(batch.device)
-    per_sequence = config.negative_sampling == "per_sequence"
-    score_catalogue = not per_sequence and config.negs_per_pos > SMALL_K_FRACTION * model.num_items
     lengths = (batch != model.padding_id).sum(1)
     on_cpu = batch.device.type == "cpu"
     groups = ([torch.from_numpy(group) for group in length_groups(lengths.numpy(), max_padding=CPU_GROUP_PADDING)]
               if on_cpu else [torch.arange(len(batch), device=batch.device)])
-    group_negatives = [negatives[group] if per_sequence else negatives[target_numbers[group][is_target[group]]]
-                       for group in groups]
-    scores = [score_group(model, batch[group], group_negative, config, score_catalogue)
-              for group, group_negative in zip(groups, group_negatives)]
-    positive = torch.cat([group.positive for group in scores])
-    if not score_catalogue:
+    scores = [score_group(model, batch[group], negatives[group] if per_sequence else None, config)
+              for group in groups]
+    hidden = torch.cat([group.hidden for group in scores])
+    table, sparse = model.output_item_embeddings, model.item_embedding.sparse
+    positive = (hidden * F.embedding(torch.cat([group.labels for group in scores]), table, sparse=sparse)).sum(-1)
+    if per_sequence:
         return gbce_loss(positive, torch.cat([group.negative for group in scores]), beta)
-    # Many negatives: scoring the whole catalogue and gathering is far cheaper than (n, k, E); all groups'
-    # targets at once, so only the last block is padded.
-    dtype = torch.bfloat16 if config.bf16_scores and has_native_bf16(batch.device) else torch.float32
-    negative = SampledCatalogueScores.apply(torch.cat([group.hidden for group in scores]),
-                                            model.output_item_embeddings, torch.cat(group_negatives), dtype,
-                                            model.item_embedding.sparse)
-    return gbce_loss(positive, negative, beta)
+    target_numbers = is_target.flatten().cumsum(0).view(is_target.shape) - 1
+    negatives = negatives[torch.cat([target_numbers[group][is_target[group]] for group in groups])]
+    if config.negs_per_pos > SMALL_K_FRACTION * model.num_items:
+        # Many negatives for the catalogue: scoring all of it and gathering is far cheaper than (n, k, E).
+        dtype = torch.bfloat16 if config.bf16_scores and has_native_bf16(batch.device) else torch.float32
+        return gbce_loss(positive, SampledCatalogueScores.apply(hidden, table, negatives, dtype, sparse), beta)
+    # Few (SASRec's k = 1, or a catalogue of millions): gathering each target's own is the cheaper way.
+    return gbce_loss(positive, GatheredScores.apply(hidden, table, negatives, sparse), beta)
 
 
 class AdamWithLazyTables(torch.optim.Optimizer):
