@@ -51,7 +51,7 @@ class GSASRecExperimentConfig:
     # Start every item's score at log(1 / num_items), the chance of a random item being the next one
     # (GSASRec.start_scores_at): learning then starts at once instead of after a long popularity plateau.
     prior_score_init: bool = False
-    # bf16 autocast for the forward pass where the hardware has native bf16 (utils.has_native_bf16); elsewhere,
+    # bf16 autocast for the forward pass where the hardware has native bf16 (gsasrec.has_native_bf16); elsewhere,
     # where it would be emulated and many times slower, training stays in float32.
     bf16: bool = False
     # Per-position negatives with many k score the whole catalogue: do that product in bf16 where the hardware

@@ -39,10 +39,12 @@ def recommend_batched(model: GSASRec, inputs: Sequences, limit: int, filter_rate
     items = np.empty((len(inputs), limit), dtype=np.int64)
     scores = np.empty((len(inputs), limit), dtype=np.float32)
     users_per_scoring = max(1, min(batch_size, CATALOGUE_SCORES_PER_BATCH // (model.num_items + 2)))
+    screening_table = model.screening_table()
     for rows in length_groups(lengths, max_rows=users_per_scoring):
         longest = max(int(lengths[rows].max()), 1)
         rated = torch.from_numpy(inputs.windows(rows, longest, model.padding_id)).to(device) if filter_rated else None
-        top_items, top_scores = model.top_items(last_hidden[torch.from_numpy(rows).to(device)], limit, rated)
+        top_items, top_scores = model.top_items(last_hidden[torch.from_numpy(rows).to(device)], limit, rated,
+                                                screening_table)
         items[rows] = top_items.cpu().numpy()
         scores[rows] = top_scores.float().cpu().numpy()
     model.train(was_training)

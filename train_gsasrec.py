@@ -28,9 +28,9 @@ from tqdm import tqdm
 from config import GSASRecError, GSASRecExperimentConfig
 from dataset_utils import DatasetSplit, ensure_dataset, length_groups, load_dataset
 from eval_utils import evaluate
-from gsasrec import GSASRec, gbce_beta, gbce_loss
+from gsasrec import GSASRec, gbce_beta, gbce_loss, has_native_bf16
 from utils import (CommandLineParser, apply_overrides, atomic_save, atomic_write, build_model, checkpoint_name,
-                   cpu_weights, has_native_bf16, load_config, machine_description, model_checkpoint, resolve_device,
+                   cpu_weights, load_config, machine_description, model_checkpoint, resolve_device,
                    run_cli)
 
 STATE_FILE = "train_state.pt"

@@ -2,7 +2,6 @@
 import argparse
 import dataclasses
 import difflib
-import functools
 import importlib.util
 import math
 import os
@@ -20,7 +19,7 @@ import torch
 from config import GSASRecError, GSASRecExperimentConfig
 from dataset_utils import Sequences, offsets_from_lengths
 from eval_utils import recommend_batched
-from gsasrec import GSASRec
+from gsasrec import GSASRec, has_native_bf16
 
 CHECKPOINT_FORMAT = "gsasrec-pytorch-checkpoint-1"
 
@@ -106,20 +105,6 @@ def resolve_device(name: str | None = None) -> torch.device:
         except RuntimeError:
             raise GSASRecError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@functools.cache
-def has_native_bf16(device: torch.device) -> bool:
-    """Whether bf16 matrix products run natively: CUDA GPUs that support bf16, CPUs with AVX512-BF16 or AMX.
-
-    Elsewhere (AVX2-only CPUs, most laptops) PyTorch emulates bf16 and a training step is about 10x slower.
-    Cached: the training loss asks on every step."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return any(getattr(torch.cpu, check, lambda: False)()
-                   for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    return False
 
 
 def machine_description(device: torch.device) -> dict:

@@ -9,10 +9,10 @@ import numpy as np
 import torch
 
 from common import add_dataset_options, benchmark_dataset, report
-from gsasrec import gbce_beta
+from gsasrec import gbce_beta, has_native_bf16
 from paper_way import paper_way_loss
 from train_gsasrec import build_optimizer, training_batch, training_loss
-from utils import (CommandLineParser, apply_overrides, build_model, has_native_bf16, load_config, resolve_device,
+from utils import (CommandLineParser, apply_overrides, build_model, load_config, resolve_device,
                    run_cli)
 
 

@@ -7,6 +7,7 @@ import torch
 from benchmarks.paper_way import paper_way_evaluate
 from dataset_utils import Sequences, offsets_from_lengths
 import eval_utils
+import gsasrec
 from eval_utils import evaluate, ir_measures_metrics, ranking_metrics, recommend_batched
 from gsasrec import GSASRec
 
@@ -54,6 +55,24 @@ def test_batched_recommendations_equal_one_padded_pass(catalogue_scores_per_batc
     assert (items == expected_items.numpy()).mean() > 0.95  # ties of nearly equal scores may swap
     for row in rows:
         assert not set(items[row]) & set(inputs.items[offsets[row]:offsets[row + 1]])
+
+
+def test_evaluation_screens_large_catalogues_with_one_bf16_table(monkeypatch):
+    """Where top_items ranks in two passes, recommend_batched converts the table to bf16 once for all its batches,
+    and recommends what float32 ranking does."""
+    model, inputs = random_model_and_histories(3000, 8, num_heads=1, num_users=60, max_length=15, seed=1)
+    expected_items, expected_scores = recommend_batched(model, inputs, limit=10, batch_size=7)
+    monkeypatch.setattr(gsasrec, "has_native_bf16", lambda device: True)
+    monkeypatch.setattr(gsasrec, "BF16_SCREEN_MIN_ITEMS", 3000)
+    conversions, screened_users = [], []
+    screening_table, screened_top_items = model.screening_table, model.screened_top_items
+    monkeypatch.setattr(model, "screening_table", lambda: conversions.append(1) or screening_table())
+    monkeypatch.setattr(model, "screened_top_items", lambda hidden, *args: screened_users.append(len(hidden)) or
+                        screened_top_items(hidden, *args))
+    items, scores = recommend_batched(model, inputs, limit=10, batch_size=7)
+    assert len(conversions) == 1 and sum(screened_users) == 60 and len(screened_users) > 1
+    np.testing.assert_array_equal(items, expected_items)
+    np.testing.assert_allclose(scores, expected_scores, rtol=1e-5)
 
 
 def test_direct_metrics_equal_ir_measures():

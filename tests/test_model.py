@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+import gsasrec
 from gsasrec import BitFieldDropout, GSASRec
 
 NUM_ITEMS, LENGTH = 50, 10
@@ -70,6 +71,45 @@ def test_predictions_exclude_rated_padding_and_zero_and_match_brute_force():
     assert top_items.tolist() == brute_force_top(model, input, rated, 5)
     unfiltered, _ = model.get_predictions(input, limit=NUM_ITEMS)
     assert not set(unfiltered.flatten().tolist()) & {0, PAD}
+
+
+@pytest.mark.parametrize("candidates, falls_back", [(256, False), (11, True)])
+def test_bf16_screening_returns_float32_rankings_items(monkeypatch, candidates, falls_back):
+    """top_items' two passes (large catalogues where bf16 is native) rank as float32 does, rated items excluded:
+    with 256 candidates from the bf16 pass, and with 11 for a top 10, too few to cover bf16's error margin, where
+    rows are ranked whole in float32 instead."""
+    monkeypatch.setattr(gsasrec, "SCREEN_CANDIDATES", candidates)
+    torch.manual_seed(0)
+    model = GSASRec(5000, LENGTH, embedding_dim=32, num_heads=2, num_blocks=1, embedding_init_std=0.5).eval()
+    hidden = torch.randn(300, 32) * 3
+    rated = torch.randint(1, 5001, (300, 40))
+    rated[:, 30:] = model.padding_id
+    expected_items, expected_scores = model.top_items(hidden, 10, rated)  # 5,000 items: float32 alone
+    passes = []
+    screen = model.without_non_candidates
+    monkeypatch.setattr(model, "without_non_candidates",
+                        lambda scores, rows: passes.append((scores.dtype, len(scores))) or screen(scores, rows))
+    monkeypatch.setattr(gsasrec, "has_native_bf16", lambda device: True)
+    monkeypatch.setattr(gsasrec, "BF16_SCREEN_MIN_ITEMS", 5000)
+    items, scores = model.top_items(hidden, 10, rated)
+    assert torch.equal(items, expected_items)
+    torch.testing.assert_close(scores, expected_scores)
+    assert passes[0] == (torch.bfloat16, 300)
+    assert (len(passes) == 2 and passes[1][0] == torch.float32) == falls_back
+    assert not set(items.flatten().tolist()) & {0, model.padding_id}
+    assert all(not set(row) & set(rated_row) for row, rated_row in zip(items.tolist(), rated.tolist()))
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_only_large_catalogues_with_native_bf16_are_screened(monkeypatch, native_bf16):
+    monkeypatch.setattr(gsasrec, "has_native_bf16", lambda device: native_bf16)
+    monkeypatch.setattr(gsasrec, "BF16_SCREEN_MIN_ITEMS", NUM_ITEMS)
+    screened = []
+    for num_items in (NUM_ITEMS - 1, NUM_ITEMS):
+        model = GSASRec(num_items, LENGTH, embedding_dim=16, num_heads=2, num_blocks=1)
+        monkeypatch.setattr(model, "screened_top_items", lambda *args, size=num_items: screened.append(size))
+        model.top_items(torch.randn(3, 16), 5)
+    assert screened == ([NUM_ITEMS] if native_bf16 else [])
 
 
 @pytest.mark.parametrize("rate,bits", [(0.5, 1), (0.25, 2), (0.75, 2), (0.0625, 4), (0.3, 16)])
