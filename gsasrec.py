@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 
-# Catalogues of at least this many items are ranked in two passes where bf16 is native (screened_top_items): on a
-# million items the bf16 product is 3-4x as fast as float32's; on ML-1M's 3,416 the product is not what costs.
+# Catalogues of at least this many items are ranked in two passes on CPUs with native bf16 (screened_top_items): on
+# a million items the bf16 product is 3-4x as fast as float32's; on ML-1M's 3,416 the product is not what costs.
 BF16_SCREEN_MIN_ITEMS = 100_000
 # Items per sequence that the bf16 pass hands to float32.
 SCREEN_CANDIDATES = 256
@@ -232,9 +232,9 @@ class GSASRec(nn.Module):
 
     @torch.no_grad()
     def top_items(self, last_hidden: torch.Tensor, limit: int, rated: torch.Tensor | None = None,
-                  screening_table: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  screening_table: ScreeningTable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """get_predictions from the (batch, E) last hidden states, so scoring can run in larger batches. Large
-        catalogues are ranked in two passes where bf16 is native (screened_top_items), with the same items;
+        catalogues are ranked in two passes on CPUs with native bf16 (screened_top_items), with the same items;
         a caller that ranks many batches makes self.screening_table() once and passes it."""
         if screening_table is None:
             screening_table = self.screening_table()
@@ -256,10 +256,11 @@ class GSASRec(nn.Module):
         return scores
 
     def screening_table(self) -> ScreeningTable | None:
-        """What top_items' bf16 pass needs where it ranks in two passes (BF16_SCREEN_MIN_ITEMS items or more,
-        native bf16), else None. Making it for a million rows takes about as long as the bf16 product of 67 users."""
+        """What top_items' bf16 pass needs where it ranks in two passes (BF16_SCREEN_MIN_ITEMS items or more, a
+        CPU with native bf16, whose products add in float32), else None. Making it for a million rows takes
+        about as long as the bf16 product of 67 users."""
         table = self.output_item_embeddings.detach()
-        if self.num_items >= BF16_SCREEN_MIN_ITEMS and has_native_bf16(table.device):
+        if self.num_items >= BF16_SCREEN_MIN_ITEMS and table.device.type == "cpu" and has_native_bf16(table.device):
             return ScreeningTable(table.bfloat16(), table.norm(dim=1).max())
         return None
 
