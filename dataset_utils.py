@@ -1,15 +1,15 @@
-"""Datasets: the ML-1M source file, the train/val/test split, and the sequence store batches are cut from.
+"""Datasets: the train/val/test split, its files, and the sequence store batches are cut from.
 
 Sequences live in one flat int32 array plus offsets (CSR), so a dataset of millions of events holds no
 per-user Python objects and a batch of left-padded windows is a single fancy-indexing operation.
 """
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
 import tempfile
-import urllib.error
-import urllib.request
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,11 +19,6 @@ from config import GSASRecError
 
 DATASETS_DIR = Path(__file__).resolve().parent / "datasets"
 DATASETS_DIR_ENV = "GSASREC_DATASETS_DIR"
-ML1M_URL = "https://raw.githubusercontent.com/asash/ml1m-sas-mapping/main/ml-1m_sas.txt"
-ML1M_SHA256 = "b725f3acb3986fe3130bffd1e77a74d182a1f51799567a236dbd60270f95b0a2"
-ML1M_SOURCE_ENV = "GSASREC_ML1M_SOURCE"
-ML1M_HOW_TO_SUPPLY = (f"pass --source PATH, set {ML1M_SOURCE_ENV}=PATH, or place the file at "
-                      f"datasets/ml1m/ml-1m.txt (sha256 {ML1M_SHA256[:12]}..., from {ML1M_URL})")
 SPLIT_FILES = ("train/input.txt", "val/input.txt", "val/output.txt", "test/input.txt", "test/output.txt")
 
 
@@ -189,36 +184,6 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def find_ml1m_source(source: str | None = None) -> Path:
-    """The ML-1M file from --source, the environment variable, datasets/ml1m/ml-1m.txt, or a download."""
-    candidate = source or os.environ.get(ML1M_SOURCE_ENV)
-    if candidate:
-        path = Path(candidate).expanduser()
-        if not path.is_file():
-            raise GSASRecError(f"ML-1M source file not found: {path}; {ML1M_HOW_TO_SUPPLY}")
-    else:
-        path = dataset_directory("ml1m") / "ml-1m.txt"
-        if not path.is_file():
-            download(ML1M_URL, path)
-    digest = sha256_of(path)
-    if digest != ML1M_SHA256:
-        raise GSASRecError(f"{path} has sha256 {digest}, expected {ML1M_SHA256} (wrong or truncated file); "
-                           f"{ML1M_HOW_TO_SUPPLY}")
-    return path
-
-
-def download(url: str, path: Path) -> None:
-    print(f"Downloading {url} -> {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".part")
-    try:
-        urllib.request.urlretrieve(url, temporary)
-    except (urllib.error.URLError, OSError) as error:
-        temporary.unlink(missing_ok=True)
-        raise GSASRecError(f"could not download {url} ({error}); {ML1M_HOW_TO_SUPPLY}") from None
-    os.replace(temporary, path)
-
-
 def parse_integers(text: bytes) -> np.ndarray | None:
     """The whitespace-separated integers in text, or None where numpy cannot read it to its end; callers
     compare the count with the tokens they expect."""
@@ -228,47 +193,34 @@ def parse_integers(text: bytes) -> np.ndarray | None:
         return None
 
 
-def read_interaction_pairs(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Reads '<user> <item>' lines into two int64 arrays."""
-    text = Path(path).read_bytes()
-    values = parse_integers(text)
-    if values is None or values.size % 2 or values.size != len(text.split()):
-        raise GSASRecError(f"{path}: expected lines of two integers '<user> <item>'")
-    pairs = values.reshape(-1, 2)
-    return pairs[:, 0], pairs[:, 1]
-
-
-def prepare_ml1m(source: str | None = None, directory: Path | None = None) -> Path:
-    """Builds the official ML-1M split (byte-identical to the reference hashes) into datasets/ml1m."""
-    directory = Path(directory or dataset_directory("ml1m"))
-    source_path = find_ml1m_source(source)
-    users, items = read_interaction_pairs(source_path)
-    user_ids, sequences = sequences_from_pairs(users, items)
-    is_val_user = validation_user_mask(user_ids, len(user_ids), 512, seed=42)
-    stats = {"num_users": int(len(user_ids)), "num_items": int(items.max()),
-             "num_interactions": int(len(items))}
-    write_split(directory, split_sequences(sequences, is_val_user), stats)
-    titles = source_path.parent / "items.tsv"
-    if titles.is_file() and titles.resolve() != (directory / "items.tsv").resolve():
-        shutil.copyfile(titles, directory / "items.tsv")
-    return directory
-
-
 def dataset_directory(dataset_name: str) -> Path:
     """datasets/NAME, or NAME under $GSASREC_DATASETS_DIR when that is set."""
     return Path(os.environ.get(DATASETS_DIR_ENV) or DATASETS_DIR) / dataset_name
 
 
+def dataset_recipe(dataset_name: str) -> types.ModuleType | None:
+    """datasets/NAME/preprocess_NAME.py, the module that builds a public dataset's split from its source file with
+    prepare(source, directory) (ML-1M's), or None where there is none."""
+    path = DATASETS_DIR / dataset_name / f"preprocess_{dataset_name}.py"
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location(f"preprocess_{dataset_name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def ensure_dataset(dataset_name: str, source: str | None = None) -> Path:
-    """The dataset's folder, preparing ML-1M first when its split is missing."""
+    """The dataset's folder, prepared first by its recipe (dataset_recipe) when its split is missing."""
     directory = dataset_directory(dataset_name)
     complete = all((directory / name).is_file() for name in SPLIT_FILES + ("dataset_stats.json",))
     if not complete:
-        if dataset_name != "ml1m":
+        recipe = dataset_recipe(dataset_name)
+        if recipe is None:
             raise GSASRecError(f"dataset {dataset_name!r} not found in {directory}; "
                                f"prepare it with datasets/prepare_dataset.py --name {dataset_name}")
-        print("Preparing the ML-1M split...")
-        prepare_ml1m(source, directory)
+        print(f"Preparing the {dataset_name} split...")
+        recipe.prepare(source, directory)
     return directory
 
 

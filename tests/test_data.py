@@ -3,10 +3,11 @@ import pytest
 
 from benchmarks.common import synthetic_dataset
 from config import GSASRecError
-from dataset_utils import (ML1M_SHA256, SPLIT_FILES, Sequences, find_ml1m_source, load_dataset, prepare_ml1m,
-                           offsets_from_lengths, read_sequences, sequences_from_pairs, sha256_of, split_sequences)
+from dataset_utils import (SPLIT_FILES, Sequences, dataset_recipe, load_dataset, offsets_from_lengths, read_sequences,
+                           sequences_from_pairs, sha256_of, split_sequences)
 from tests.conftest import write_synthetic_dataset
 
+ML1M = dataset_recipe("ml1m")
 EXPECTED_SPLIT_SHA256 = {
     "train/input.txt": "06957b3d3cc937ac05e5f5ade2d2d5c1042efdd2b6779b768140e74d4f6b20e3",
     "val/input.txt": "e4503bcef51a7689c48d491bd0dc090f053b8103b2c2bf6eed3bc31699fa09ca",
@@ -17,7 +18,7 @@ EXPECTED_SPLIT_SHA256 = {
 
 
 def test_ml1m_split_is_byte_identical_to_the_official_one(ml1m_source_path, tmp_path):
-    directory = prepare_ml1m(ml1m_source_path, tmp_path / "ml1m")
+    directory = ML1M.prepare(ml1m_source_path, tmp_path / "ml1m")
     assert {name: sha256_of(directory / name) for name in SPLIT_FILES} == EXPECTED_SPLIT_SHA256
     dataset = load_dataset(directory)
     assert (len(dataset.train), len(dataset.val_input), len(dataset.test_input)) == (6040, 512, 6040)
@@ -27,14 +28,14 @@ def test_ml1m_split_is_byte_identical_to_the_official_one(ml1m_source_path, tmp_
 def test_missing_and_wrong_source_files_give_one_line_errors(tmp_path, monkeypatch):
     monkeypatch.delenv("GSASREC_ML1M_SOURCE", raising=False)
     with pytest.raises(GSASRecError, match="not found.*--source"):
-        find_ml1m_source(str(tmp_path / "absent.txt"))
+        ML1M.find_source(str(tmp_path / "absent.txt"))
     truncated = tmp_path / "ml-1m.txt"
     truncated.write_text("1 1\n1 2\n")
-    with pytest.raises(GSASRecError, match=f"expected {ML1M_SHA256}"):
-        find_ml1m_source(str(truncated))
+    with pytest.raises(GSASRecError, match=f"expected {ML1M.SHA256}"):
+        ML1M.find_source(str(truncated))
     monkeypatch.setenv("GSASREC_ML1M_SOURCE", str(truncated))
     with pytest.raises(GSASRecError, match="wrong or truncated"):
-        find_ml1m_source()
+        ML1M.find_source()
 
 
 def test_events_group_by_user_in_order_of_first_appearance():
