@@ -113,8 +113,9 @@ class GatheredScores(torch.autograd.Function):
         ctx.save_for_backward(hidden, table, negatives)
         ctx.sparse = sparse
         ctx.chunk = max(1, GATHERED_NUMBERS_PER_CHUNK // (negatives.shape[1] * hidden.shape[1]))
+        chunks = zip(hidden.split(ctx.chunk), negatives.split(ctx.chunk))
         return torch.cat([torch.bmm(F.embedding(chunk_negatives, table), chunk_hidden.unsqueeze(-1)).squeeze(-1)
-                          for chunk_hidden, chunk_negatives in zip(hidden.split(ctx.chunk), negatives.split(ctx.chunk))])
+                          for chunk_hidden, chunk_negatives in chunks])
 
     @staticmethod
     def backward(ctx, grad_scores: torch.Tensor):

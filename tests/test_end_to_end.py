@@ -142,7 +142,8 @@ def test_command_line_train_sigterm_resume_and_evaluate(synthetic_datasets_dir, 
     checkpoint = summary["best_checkpoint"]
     assert "gsasrec-successor-step:" in checkpoint and "-negs:16-emb:32-dropout:0.1-metric:" in checkpoint
     by_flag = run_script("evaluate_gsasrec.py", f"--checkpoint={checkpoint}", "--output", str(tmp_path / "a.json"))
-    positional = run_script("evaluate_gsasrec.py", checkpoint, f"--config={config}", "--output", str(tmp_path / "b.json"))
+    positional = run_script("evaluate_gsasrec.py", checkpoint, f"--config={config}",
+                            "--output", str(tmp_path / "b.json"))
     assert by_flag.returncode == 0 and positional.returncode == 0, by_flag.stderr + positional.stderr
     assert "nDCG@10" in by_flag.stdout
     metrics = [json.loads((tmp_path / name).read_text())["metrics"] for name in ("a.json", "b.json")]

@@ -18,8 +18,8 @@ if REPOSITORY not in sys.path:  # run as a script; dataset_utils.dataset_recipe 
     sys.path.insert(0, REPOSITORY)
 
 from config import GSASRecError  # noqa: E402
-from dataset_utils import (SPLIT_FILES, dataset_directory, parse_integers, sequences_from_pairs, sha256_of,  # noqa: E402
-                           split_sequences, validation_user_mask, write_split)
+from dataset_utils import (SPLIT_FILES, dataset_directory, parse_integers, sequences_from_pairs,  # noqa: E402
+                           sha256_of, split_sequences, validation_user_mask, write_split)
 from utils import CommandLineParser, run_cli  # noqa: E402
 
 URL = "https://raw.githubusercontent.com/asash/ml1m-sas-mapping/main/ml-1m_sas.txt"
