@@ -196,7 +196,7 @@ def training_loss(model: GSASRec, batch: torch.Tensor, config: GSASRecExperiment
         # Many negatives for the catalogue: scoring all of it and gathering is far cheaper than (n, k, E).
         dtype = torch.bfloat16 if config.bf16_scores and has_native_bf16(batch.device) else torch.float32
         return gbce_loss(positive, SampledCatalogueScores.apply(hidden, table, negatives, dtype, sparse), beta)
-    # Few (SASRec's k = 1, or a catalogue of millions): gathering each target's own is the cheaper way.
+    # Few for the catalogue (SASRec's k = 1, or k = 256 of 10^5 items and more): gathering each target's own.
     return gbce_loss(positive, GatheredScores.apply(hidden, table, negatives, sparse), beta)
 
 
