@@ -240,8 +240,13 @@ class GSASRec(nn.Module):
             screening_table = self.screening_table()
         if screening_table is not None:
             return self.screened_top_items(last_hidden, limit, rated, screening_table)
-        top_scores, top_items = self.without_non_candidates(last_hidden @ self.output_item_embeddings.T,
-                                                            rated).topk(limit, dim=1)
+        return self.float32_top_items(last_hidden, limit, rated)
+
+    def float32_top_items(self, last_hidden: torch.Tensor, limit: int, rated: torch.Tensor | None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """top_items from the whole catalogue scored in float32."""
+        scores = self.without_non_candidates(last_hidden @ self.output_item_embeddings.T, rated)
+        top_scores, top_items = scores.topk(limit, dim=1)
         return top_items, top_scores
 
     def without_non_candidates(self, scores: torch.Tensor, rated: torch.Tensor | None) -> torch.Tensor:
@@ -283,9 +288,8 @@ class GSASRec(nn.Module):
         top_items = candidates.gather(1, order)
         uncovered = (~covered).nonzero().squeeze(1)
         if len(uncovered):
-            whole = self.without_non_candidates(last_hidden[uncovered] @ table.T,
-                                                None if rated is None else rated[uncovered])
-            top_scores[uncovered], top_items[uncovered] = whole.topk(limit, dim=1)
+            top_items[uncovered], top_scores[uncovered] = self.float32_top_items(
+                last_hidden[uncovered], limit, None if rated is None else rated[uncovered])
         return top_items, top_scores
 
 
