@@ -10,6 +10,7 @@ class GSASRecError(Exception):
 
 NEGATIVE_SAMPLING_MODES = ("per_position", "per_sequence")
 TRAINING_WINDOWS = ("latest", "random")
+USER_SAMPLING_MODES = ("uniform", "per_interaction")
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,10 @@ class GSASRecExperimentConfig:
     # Which sequence_length + 1 items of a longer training sequence a batch shows: "latest" (the official port's),
     # or "random", a window ending at a uniformly drawn position, so the older items of long histories are learnt too.
     training_window: str = "latest"
+    # Which users an epoch's batches hold: "uniform", every user once (the official port's), or "per_interaction",
+    # users drawn with replacement in proportion to their training targets per window's worth, so that with random
+    # windows every training interaction of a long history is a target about as often as one of a short history.
+    user_sampling: str = "uniform"
     learning_rate: float = 1e-3
     # Linear warm-up over this many steps, then constant (0 disables it: the official schedule).
     warmup_steps: int = 0
@@ -95,6 +100,11 @@ class GSASRecExperimentConfig:
              f"negative_sampling must be one of {NEGATIVE_SAMPLING_MODES}, got {self.negative_sampling!r}"),
             (self.training_window in TRAINING_WINDOWS,
              f"training_window must be one of {TRAINING_WINDOWS}, got {self.training_window!r}"),
+            (self.user_sampling in USER_SAMPLING_MODES,
+             f"user_sampling must be one of {USER_SAMPLING_MODES}, got {self.user_sampling!r}"),
+            (self.user_sampling == "uniform" or self.training_window == "random",
+             "user_sampling='per_interaction' needs training_window='random' (the latest windows show a user "
+             "the same items every time)"),
             (self.learning_rate > 0, "learning_rate must be > 0"),
             (self.warmup_steps >= 0 and self.lr_decay_steps >= 0, "warmup_steps and lr_decay_steps must be >= 0"),
             (self.embedding_init_std is None or self.embedding_init_std > 0, "embedding_init_std must be > 0"),

@@ -262,6 +262,31 @@ def learning_rate_factor(config: GSASRecExperimentConfig, step: int) -> float:
     return 1.0
 
 
+class InteractionWeightedSampler:
+    """user_sampling="per_interaction": an epoch draws as many users as there are, with replacement, each in
+    proportion to (length - 1) / (min(length, window) - 1), its training targets over those one window holds; with
+    random windows every interaction is then a target about equally often. Each rank takes its own share of one
+    draw, which depends only on the seed and the epoch (as DistributedSampler's shuffle), so a resumed run repeats
+    it."""
+
+    def __init__(self, lengths: np.ndarray, window: int, num_replicas: int, rank: int, seed: int):
+        self.weights = torch.from_numpy((lengths - 1) / (np.minimum(lengths, window) - 1))
+        self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, seed, 0
+        self.num_samples = math.ceil(len(lengths) / num_replicas)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        draw = torch.multinomial(self.weights, self.num_samples * self.num_replicas, replacement=True,
+                                 generator=generator)
+        return iter(draw[self.rank::self.num_replicas].tolist())
+
+
 class TrainingObjective(nn.Module):
     """The loss of one batch as a module, so DistributedDataParallel can wrap the whole step."""
 
@@ -356,8 +381,12 @@ class Trainer:
         self.trainable_rows = np.flatnonzero(dataset.train.lengths >= 2)
         if not len(self.trainable_rows):
             raise GSASRecError("no training sequence has 2 or more items: there is nothing to learn from")
-        self.sampler = DistributedSampler(range(len(self.trainable_rows)), num_replicas=world_size, rank=rank,
-                                          shuffle=True, seed=config.seed)
+        if config.user_sampling == "per_interaction":
+            self.sampler = InteractionWeightedSampler(dataset.train.lengths[self.trainable_rows],
+                                                      config.sequence_length + 1, world_size, rank, config.seed)
+        else:
+            self.sampler = DistributedSampler(range(len(self.trainable_rows)), num_replicas=world_size, rank=rank,
+                                              shuffle=True, seed=config.seed)
         self.batches_per_epoch = min(config.max_batches_per_epoch,
                                      math.ceil(len(self.sampler) / config.train_batch_size))
         self.progress = Progress()

@@ -36,6 +36,8 @@ def test_a_config_is_frozen_and_variants_are_validated_copies():
     ({"embedding_dim": 130, "num_heads": 4}, "must divide"),
     ({"negative_sampling": "random"}, "negative_sampling"),
     ({"training_window": "oldest"}, "training_window"),
+    ({"user_sampling": "by_length", "training_window": "random"}, "user_sampling must be one of"),
+    ({"user_sampling": "per_interaction"}, "needs training_window='random'"),
     ({"val_metric": "MRR"}, "val_metric"),
     ({"weight_averaging_decay": 1.0}, "weight_averaging_decay"),
     ({"max_steps": 100, "selection_start_step": 101}, "selection_start_step must be in"),

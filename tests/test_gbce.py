@@ -10,7 +10,7 @@ from config import GSASRecExperimentConfig
 from dataset_utils import DatasetSplit, Sequences, length_groups, offsets_from_lengths
 from gsasrec import GSASRec, gamma_transform, gbce_alpha, gbce_beta, gbce_loss
 import train_gsasrec
-from train_gsasrec import training_batch, training_loss
+from train_gsasrec import InteractionWeightedSampler, training_batch, training_loss
 
 
 
@@ -151,6 +151,33 @@ def test_random_training_windows_are_full_slices_ending_anywhere_after_the_first
             assert window == list(range(window[0], window[0] + 7))  # 7 consecutive items of the row
             ends[row].add(window[-1] - offsets[row])
     assert ends[1] == {7} and ends[2] == set(range(7, 13)) and ends[3] == set(range(7, 41))
+
+
+def test_per_interaction_sampling_draws_users_by_their_windows_worth_of_targets():
+    """A history of 41 items holds 40 targets, 4 windows' worth of a window of 11 (10 targets): it is drawn 4 times
+    as often as any history that fits in one window, so each of its interactions is a target as often."""
+    lengths = np.array([2, 5, 11, 41])
+    sampler = InteractionWeightedSampler(lengths, window=11, num_replicas=1, rank=0, seed=3)
+    counts = np.zeros(4)
+    for epoch in range(2000):
+        sampler.set_epoch(epoch)
+        draw = list(sampler)
+        assert len(draw) == len(sampler) == 4
+        counts += np.bincount(draw, minlength=4)
+    assert counts / counts.sum() == pytest.approx([1 / 7, 1 / 7, 1 / 7, 4 / 7], abs=0.02)
+
+
+def test_per_interaction_sampling_repeats_an_epoch_and_gives_each_rank_its_own_users():
+    lengths = np.random.RandomState(0).randint(2, 500, 101)
+    ranks = [InteractionWeightedSampler(lengths, 201, num_replicas=2, rank=rank, seed=5) for rank in (0, 1)]
+    for sampler in ranks:
+        sampler.set_epoch(7)
+    shares = [list(sampler) for sampler in ranks]
+    assert len(shares[0]) == len(shares[1]) == len(ranks[0]) == 51
+    assert shares[0] != shares[1]
+    assert list(ranks[0]) == shares[0]  # the same epoch draws the same users again, as a resumed run needs
+    ranks[0].set_epoch(8)
+    assert list(ranks[0]) != shares[0]
 
 
 @pytest.mark.parametrize("native_bf16", [True, False])
