@@ -42,7 +42,8 @@ def test_training_learns_the_rule_and_the_checkpoint_reloads(synthetic_datasets_
     dict(weight_averaging_decay=0.9),
     # The lazy table updates keep two optimizers' states, and the cosine must reach both after resuming.
     dict(negative_sampling="per_position", sparse_item_updates=True, lr_decay_steps=35)],
-    ids=["per_sequence", "per_position", "random_windows", "per_interaction", "weight_averaging", "sparse_item_updates"])
+    ids=["per_sequence", "per_position", "random_windows", "per_interaction", "weight_averaging",
+         "sparse_item_updates"])
 def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(synthetic_datasets_dir, tmp_path, sampling):
     dataset = load_dataset(dataset_directory("successor"))
     straight = train(tiny_config(max_steps=35, **sampling), dataset, tmp_path / "a", torch.device("cpu"),
