@@ -11,6 +11,8 @@ class GSASRecError(Exception):
 NEGATIVE_SAMPLING_MODES = ("per_position", "per_sequence")
 TRAINING_WINDOWS = ("latest", "random")
 USER_SAMPLING_MODES = ("uniform", "per_interaction")
+LOSSES = ("gbce", "softmax", "sampled_softmax")
+BLOCKS = ("sasrec", "ligr")
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,17 @@ class GSASRecExperimentConfig:
     reuse_item_embeddings: bool = False
     # Additions of this implementation (the official port has none of these).
     seed: int = 42
+    # The training loss: "gbce" (the paper's, over negs_per_pos sampled negatives), "softmax" (cross-entropy over the
+    # whole catalogue; negs_per_pos, gbce_t and negative_sampling unused) or "sampled_softmax" (cross-entropy of the
+    # positive among itself and its negs_per_pos sampled negatives).
+    loss: str = "gbce"
+    # sampled_softmax only: shift each negative's score by log(num_items / negs_per_pos), the log-Q correction for
+    # uniform draws, so the sampled denominator estimates the full softmax's.
+    logq_correction: bool = False
+    # The Transformer block: "sasrec" (the paper's) or "ligr" (pre-LayerNorm, SwiGLU feed-forward, gated residuals:
+    # eSASRec's), whose feed-forward is ligr_feed_forward_multiplier * embedding_dim wide.
+    block: str = "sasrec"
+    ligr_feed_forward_multiplier: int = 4
     # "per_position": a fresh uniform draw of k negatives for every position, as the paper samples them.
     # "per_sequence": one draw of k negatives shared by all positions of a sequence (much faster).
     negative_sampling: str = "per_sequence"
@@ -96,6 +109,11 @@ class GSASRecExperimentConfig:
             (self.recommendation_limit >= 1, "recommendation_limit must be >= 1"),
             (self.val_metric in self.metrics, f"val_metric {self.val_metric!r} must be one of metrics {self.metrics}"),
             *self.metric_checks(),
+            (self.loss in LOSSES, f"loss must be one of {LOSSES}, got {self.loss!r}"),
+            (not self.logq_correction or self.loss == "sampled_softmax",
+             "logq_correction applies to loss='sampled_softmax' only"),
+            (self.block in BLOCKS, f"block must be one of {BLOCKS}, got {self.block!r}"),
+            (self.ligr_feed_forward_multiplier >= 1, "ligr_feed_forward_multiplier must be >= 1"),
             (self.negative_sampling in NEGATIVE_SAMPLING_MODES,
              f"negative_sampling must be one of {NEGATIVE_SAMPLING_MODES}, got {self.negative_sampling!r}"),
             (self.training_window in TRAINING_WINDOWS,

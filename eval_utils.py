@@ -18,8 +18,10 @@ CATALOGUE_SCORES_PER_BATCH = 2 ** 26
 
 @torch.inference_mode()
 def recommend_batched(model: GSASRec, inputs: Sequences, limit: int, filter_rated: bool = True,
-                      batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """Top-`limit` (items, scores) for every sequence: (n, limit) arrays in input order.
+                      batch_size: int = 512, log_softmax: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Top-`limit` (items, scores) for every sequence: (n, limit) arrays in input order; with log_softmax the scores
+    are log-probabilities of a softmax over each sequence's candidates (the catalogue less what is filtered), what a
+    softmax-trained model predicts.
 
     Sequences are batched by length and each batch is cut to its longest input, so no work is spent on
     columns of pure padding; with filter_rated every item of the whole input history is excluded. The catalogue
@@ -43,8 +45,11 @@ def recommend_batched(model: GSASRec, inputs: Sequences, limit: int, filter_rate
     for rows in length_groups(lengths, max_rows=users_per_scoring):
         longest = max(int(lengths[rows].max()), 1)
         rated = torch.from_numpy(inputs.windows(rows, longest, model.padding_id)).to(device) if filter_rated else None
-        top_items, top_scores = model.top_items(last_hidden[torch.from_numpy(rows).to(device)], limit, rated,
-                                                screening_table)
+        hidden = last_hidden[torch.from_numpy(rows).to(device)]
+        top_items, top_scores = model.top_items(hidden, limit, rated, screening_table)
+        if log_softmax:
+            candidates = model.without_non_candidates(hidden @ model.output_item_embeddings.T, rated)
+            top_scores = top_scores.float() - candidates.logsumexp(1, keepdim=True)
         items[rows] = top_items.cpu().numpy()
         scores[rows] = top_scores.float().cpu().numpy()
     model.train(was_training)
@@ -113,7 +118,7 @@ def evaluate(model: GSASRec, inputs: Sequences, targets: np.ndarray, metrics: li
 
 
 def calibration_report(top_probabilities: np.ndarray, top_is_hit: np.ndarray, num_bins: int = 10) -> dict:
-    """How well sigmoid(top-1 score) predicts that the top-1 item is the held-out one.
+    """How well the predicted probability of the top-1 item predicts that it is the held-out one.
 
     Users are sorted by predicted probability and cut into num_bins equal-mass bins; the expected calibration
     error is the count-weighted mean |predicted - observed| over bins, and the overconfidence factor is the mean
@@ -134,9 +139,12 @@ def calibration_report(top_probabilities: np.ndarray, top_is_hit: np.ndarray, nu
     }
 
 
-def top1_calibration(recommended: np.ndarray, scores: np.ndarray, targets: np.ndarray, num_bins: int = 10) -> dict:
-    """calibration_report of sigmoid(top-1 score) against whether the top-1 item is the target."""
-    probabilities = 1 / (1 + np.exp(-scores[:, 0].astype(np.float64)))
+def top1_calibration(recommended: np.ndarray, scores: np.ndarray, targets: np.ndarray, num_bins: int = 10,
+                     log_probabilities: bool = False) -> dict:
+    """calibration_report of the top-1 item's probability against whether it is the target: sigmoid(score) for
+    gBCE's logits, exp(score) for a softmax's log-probabilities (recommend_batched's log_softmax)."""
+    top = scores[:, 0].astype(np.float64)
+    probabilities = np.exp(top) if log_probabilities else 1 / (1 + np.exp(-top))
     return calibration_report(probabilities, recommended[:, 0] == targets, num_bins)
 
 

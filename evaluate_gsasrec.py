@@ -33,7 +33,8 @@ def main() -> None:
     parser.add_argument("--source", help="path to ml-1m.txt when the ML-1M split must be prepared")
     parser.add_argument("--output", help="also write the metrics as JSON to this file")
     parser.add_argument("--calibration", action="store_true",
-                        help="report how calibrated sigmoid(top-1 score) is: mean predicted probability vs R@1, "
+                        help="report how calibrated the top-1 item's probability is (sigmoid(score) for gBCE, the "
+                             "softmax over the candidates for softmax losses): mean predicted probability vs R@1, "
                              "overconfidence factor, expected calibration error")
     parser.add_argument("--bins", type=whole_number_at_least(1), default=10,
                         help="equal-mass bins for the calibration error (default 10)")
@@ -64,9 +65,11 @@ def main() -> None:
               f"({made['threads']} threads, torch {made['torch']}, {made['world_size']} process(es))")
     inputs, targets = ((dataset.test_input, dataset.test_target) if args.split == "test"
                        else (dataset.val_input, dataset.val_target))
+    # A softmax-trained model's probabilities are its softmax over the candidates; gBCE's are sigmoid(score).
+    softmax_probabilities = args.calibration and config.loss != "gbce"
     started = time.perf_counter()
     recommended, scores = recommend_batched(model, inputs, config.recommendation_limit, config.filter_rated,
-                                            config.eval_batch_size)
+                                            config.eval_batch_size, log_softmax=softmax_probabilities)
     metrics = ranking_metrics(recommended, targets, config.metrics)
     seconds = time.perf_counter() - started
     for name, value in metrics.items():
@@ -75,7 +78,7 @@ def main() -> None:
     result = {"checkpoint": str(checkpoint_path), "dataset": dataset_name, "split": args.split,
               "users": len(targets), "metrics": metrics, "training": made}
     if args.calibration:
-        result["calibration"] = top1_calibration(recommended, scores, targets, args.bins)
+        result["calibration"] = top1_calibration(recommended, scores, targets, args.bins, softmax_probabilities)
         print_calibration(result["calibration"])
         if plot:
             plot_reliability_diagrams({Path(checkpoint_path).name[:40]: result["calibration"]}, plot)

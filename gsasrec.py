@@ -4,6 +4,7 @@ Importable on its own (torch only). Item ids run 1..num_items, num_items + 1 is 
 Sequences are left-padded; the prediction for a sequence is read at its last position.
 """
 import functools
+import math
 from typing import NamedTuple
 
 import torch
@@ -84,41 +85,22 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
-class SelfAttentionBlock(nn.Module):
-    """One SASRec block: queries from LayerNorm(x), keys/values from x, no output projection,
-    then a point-wise feed-forward with a residual."""
+class CausalAttention(nn.Module):
+    """What both blocks share: heads split from single E x E projections, and causal attention whose weights may
+    get dropout."""
 
-    def __init__(self, embedding_dim: int, num_heads: int, dropout_rate: float):
+    def __init__(self, num_heads: int, dropout_rate: float):
         super().__init__()
         self.num_heads = num_heads
         self.attention_dropout = BitFieldDropout(dropout_rate)
-        self.attention_norm = nn.LayerNorm(embedding_dim, eps=1e-8)
-        self.query = nn.Linear(embedding_dim, embedding_dim)
-        self.key = nn.Linear(embedding_dim, embedding_dim)
-        self.value = nn.Linear(embedding_dim, embedding_dim)
-        self.feed_forward_norm = nn.LayerNorm(embedding_dim, eps=1e-8)
-        self.feed_forward = nn.Sequential(
-            nn.Linear(embedding_dim, embedding_dim), nn.ReLU(), BitFieldDropout(dropout_rate),
-            nn.Linear(embedding_dim, embedding_dim), BitFieldDropout(dropout_rate))
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, dim = x.shape
         return x.view(batch, length, self.num_heads, dim // self.num_heads).transpose(1, 2)
 
-    def forward(self, seq: torch.Tensor, attention_bias: torch.Tensor | None, is_item: torch.Tensor,
-                last_position_only: bool = False) -> torch.Tensor:
-        """attention_bias: (batch, 1, L, L), 0 where a query may attend to a key and -inf elsewhere; None for
-        plain causal attention (no padding), which lets a fused kernel skip the masked half. With
-        last_position_only, only the last position's output is computed (keys still span the sequence)."""
-        normed = self.attention_norm(seq[:, -1:] if last_position_only else seq)
-        query = self.split_heads(self.query(normed))
-        key, value = self.split_heads(self.key(seq)), self.split_heads(self.value(seq))
-        if last_position_only and attention_bias is not None:
-            attention_bias = attention_bias[:, :, -1:]
-        # The last position may attend to every key: with no mask there is nothing to hide from it.
-        attended = self.attention(query, key, value, attention_bias, causal=not last_position_only)
-        output = self.feed_forward_output(normed + attended.transpose(1, 2).reshape(normed.shape))
-        return output * (is_item[:, -1:] if last_position_only else is_item)
+    def merge_heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, heads, length, head_dim = x.shape
+        return x.transpose(1, 2).reshape(batch, length, heads * head_dim)
 
     @property
     def drops_attention(self) -> bool:
@@ -141,23 +123,108 @@ class SelfAttentionBlock(nn.Module):
         weights = self.attention_dropout(logits.softmax(-1))
         return (weights @ value.reshape(-1, key.shape[2], head_dim)).view(batch, heads, length, head_dim)
 
+
+class SelfAttentionBlock(CausalAttention):
+    """One SASRec block: queries from LayerNorm(x), keys/values from x, no output projection,
+    then a point-wise feed-forward with a residual."""
+
+    def __init__(self, embedding_dim: int, num_heads: int, dropout_rate: float):
+        super().__init__(num_heads, dropout_rate)
+        self.attention_norm = nn.LayerNorm(embedding_dim, eps=1e-8)
+        self.query = nn.Linear(embedding_dim, embedding_dim)
+        self.key = nn.Linear(embedding_dim, embedding_dim)
+        self.value = nn.Linear(embedding_dim, embedding_dim)
+        self.feed_forward_norm = nn.LayerNorm(embedding_dim, eps=1e-8)
+        self.feed_forward = nn.Sequential(
+            nn.Linear(embedding_dim, embedding_dim), nn.ReLU(), BitFieldDropout(dropout_rate),
+            nn.Linear(embedding_dim, embedding_dim), BitFieldDropout(dropout_rate))
+
+    def forward(self, seq: torch.Tensor, attention_bias: torch.Tensor | None, is_item: torch.Tensor,
+                last_position_only: bool = False) -> torch.Tensor:
+        """attention_bias: (batch, 1, L, L), 0 where a query may attend to a key and -inf elsewhere; None for
+        plain causal attention (no padding), which lets a fused kernel skip the masked half. With
+        last_position_only, only the last position's output is computed (keys still span the sequence)."""
+        normed = self.attention_norm(seq[:, -1:] if last_position_only else seq)
+        query = self.split_heads(self.query(normed))
+        key, value = self.split_heads(self.key(seq)), self.split_heads(self.value(seq))
+        if last_position_only and attention_bias is not None:
+            attention_bias = attention_bias[:, :, -1:]
+        # The last position may attend to every key: with no mask there is nothing to hide from it.
+        attended = self.attention(query, key, value, attention_bias, causal=not last_position_only)
+        output = self.feed_forward_output(normed + self.merge_heads(attended))
+        return output * (is_item[:, -1:] if last_position_only else is_item)
+
     def feed_forward_output(self, x: torch.Tensor) -> torch.Tensor:
         x = self.feed_forward_norm(x)
         return x + self.feed_forward(x)
 
 
+class SwiGLU(nn.Module):
+    """The gated feed-forward W2 (SiLU(W x) * V x) of Shazeer's "GLU Variants Improve Transformer", without
+    biases; W and V are one (2H x E) product."""
+
+    def __init__(self, embedding_dim: int, hidden_dim: int, dropout_rate: float):
+        super().__init__()
+        self.gate_and_value = nn.Linear(embedding_dim, 2 * hidden_dim, bias=False)
+        self.dropout = BitFieldDropout(dropout_rate)
+        self.output = nn.Linear(hidden_dim, embedding_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, value = self.gate_and_value(x).chunk(2, dim=-1)
+        return self.output(self.dropout(F.silu(gate) * value))
+
+
+class LiGRBlock(CausalAttention):
+    """The LiGR block (LinkedIn's "From Features to Transformers", as eSASRec uses it): pre-LayerNorm attention
+    with an output projection, a SwiGLU feed-forward, and residuals whose added branch is gated by
+    sigmoid(linear(x)) of the stream it joins: x + sigmoid(G1 x) * Attn(LN1 x), then h + sigmoid(G2 h) * FFN(LN2 h)."""
+
+    def __init__(self, embedding_dim: int, num_heads: int, dropout_rate: float, feed_forward_multiplier: int):
+        super().__init__(num_heads, dropout_rate)
+        self.attention_norm = nn.LayerNorm(embedding_dim, eps=1e-8)
+        self.query_key_value = nn.Linear(embedding_dim, 3 * embedding_dim)
+        self.attention_output = nn.Linear(embedding_dim, embedding_dim)
+        self.attention_branch_dropout = BitFieldDropout(dropout_rate)
+        self.attention_gate = nn.Linear(embedding_dim, embedding_dim)
+        self.feed_forward_norm = nn.LayerNorm(embedding_dim, eps=1e-8)
+        self.feed_forward = SwiGLU(embedding_dim, feed_forward_multiplier * embedding_dim, dropout_rate)
+        self.feed_forward_branch_dropout = BitFieldDropout(dropout_rate)
+        self.feed_forward_gate = nn.Linear(embedding_dim, embedding_dim)
+
+    def forward(self, seq: torch.Tensor, attention_bias: torch.Tensor | None, is_item: torch.Tensor,
+                last_position_only: bool = False) -> torch.Tensor:
+        """As SelfAttentionBlock.forward."""
+        query, key, value = self.query_key_value(self.attention_norm(seq)).chunk(3, dim=-1)
+        if last_position_only:
+            seq, query = seq[:, -1:], query[:, -1:]
+            if attention_bias is not None:
+                attention_bias = attention_bias[:, :, -1:]
+        attended = self.attention(self.split_heads(query.contiguous()), self.split_heads(key.contiguous()),
+                                  self.split_heads(value.contiguous()), attention_bias, causal=not last_position_only)
+        attended = self.attention_branch_dropout(self.attention_output(self.merge_heads(attended)))
+        seq = seq + torch.sigmoid(self.attention_gate(seq)) * attended
+        fed = self.feed_forward_branch_dropout(self.feed_forward(self.feed_forward_norm(seq)))
+        seq = seq + torch.sigmoid(self.feed_forward_gate(seq)) * fed
+        return seq * (is_item[:, -1:] if last_position_only else is_item)
+
+
 class GSASRec(nn.Module):
-    """SASRec's architecture; scores are dot products of the last hidden state with an output item table that
-    is separate from the input one unless reuse_item_embeddings (vanilla SASRec). With sparse_item_gradients the
-    item tables get sparse gradients (rows a batch touched only), for torch.optim.SparseAdam on large catalogues."""
+    """SASRec's architecture (with block="ligr", LiGR blocks instead of SASRec's); scores are dot products of the last
+    hidden state with an output item table that is separate from the input one unless reuse_item_embeddings
+    (vanilla SASRec). With sparse_item_gradients the item tables get sparse gradients (rows a batch touched only),
+    for torch.optim.SparseAdam on large catalogues."""
 
     def __init__(self, num_items: int, sequence_length: int = 200, embedding_dim: int = 256, num_heads: int = 4,
                  num_blocks: int = 3, dropout_rate: float = 0.0, reuse_item_embeddings: bool = False,
                  embedding_init_std: float | None = None, initial_score: float | None = None,
-                 sparse_item_gradients: bool = False):
+                 sparse_item_gradients: bool = False, block: str = "sasrec", feed_forward_multiplier: int = 4):
         super().__init__()
         if num_items < 1:
             raise ValueError(f"num_items must be at least 1, got {num_items}")
+        blocks = {"sasrec": lambda: SelfAttentionBlock(embedding_dim, num_heads, dropout_rate),
+                  "ligr": lambda: LiGRBlock(embedding_dim, num_heads, dropout_rate, feed_forward_multiplier)}
+        if block not in blocks:
+            raise ValueError(f"block must be one of {tuple(blocks)}, got {block!r}")
         self.num_items = num_items
         self.padding_id = num_items + 1
         self.sequence_length = sequence_length
@@ -165,8 +232,7 @@ class GSASRec(nn.Module):
         self.item_embedding = nn.Embedding(num_items + 2, embedding_dim, sparse=sparse_item_gradients)
         self.position_embedding = nn.Embedding(sequence_length, embedding_dim)
         self.embedding_dropout = BitFieldDropout(dropout_rate)
-        self.blocks = nn.ModuleList(SelfAttentionBlock(embedding_dim, num_heads, dropout_rate)
-                                    for _ in range(num_blocks))
+        self.blocks = nn.ModuleList(blocks[block]() for _ in range(num_blocks))
         self.final_norm = nn.LayerNorm(embedding_dim, eps=1e-8)
         self.reuse_item_embeddings = reuse_item_embeddings
         if not reuse_item_embeddings:
@@ -319,3 +385,26 @@ def gbce_loss(positive_scores: torch.Tensor, negative_scores: torch.Tensor, beta
     beta * softplus(-s); this form needs no clamping. positive_scores: (n,), negative_scores: (n, k)."""
     per_position = beta * F.softplus(-positive_scores) + F.softplus(negative_scores).sum(-1)
     return per_position.mean() / (negative_scores.shape[-1] + 1)
+
+
+def sampled_softmax_loss(positive_scores: torch.Tensor, negative_scores: torch.Tensor,
+                         negative_shift: float = 0.0) -> torch.Tensor:
+    """Cross-entropy of the positive among itself and its k sampled negatives, averaged over positions:
+    log(exp(s+) + sum_i exp(s-_i + shift)) - s+. positive_scores: (n,), negative_scores: (n, k).
+
+    negative_shift is the log-Q correction: with k uniform draws from |I| items each negative stands for |I| / k
+    items, so shift = log(|I| / k) (logq_shift) makes the denominator an estimate of the full softmax's."""
+    logits = torch.cat([positive_scores.unsqueeze(1), negative_scores + negative_shift], dim=1)
+    return (logits.logsumexp(1) - positive_scores).mean()
+
+
+def logq_shift(negatives_per_positive: int, num_items: int) -> float:
+    """-log(k * Q(i)) for k uniform draws, Q(i) = 1 / |I|: the score shift of each negative under the log-Q
+    correction."""
+    return math.log(num_items / negatives_per_positive)
+
+
+def softmax_loss(positive_scores: torch.Tensor, log_normalisers: torch.Tensor) -> torch.Tensor:
+    """Full cross-entropy averaged over positions: log sum_j exp(s_j) - s+, the sum over the whole catalogue
+    (log_normalisers, (n,)), so no item is left out."""
+    return (log_normalisers - positive_scores).mean()

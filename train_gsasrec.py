@@ -1,4 +1,5 @@
-"""Trains gSASRec: gBCE with sampled negatives, validation nDCG@10 after every epoch, early stopping.
+"""Trains gSASRec: gBCE with sampled negatives (or a softmax: config.loss), validation nDCG@10 after every epoch,
+early stopping.
 
 Resumable: the run folder holds the latest training state (written atomically after every epoch, on
 Ctrl-C / SIGTERM and when a budget runs out), the best checkpoint and a JSONL log. Rerunning the same
@@ -28,7 +29,8 @@ from tqdm import tqdm
 from config import GSASRecError, GSASRecExperimentConfig
 from dataset_utils import DatasetSplit, ensure_dataset, length_groups, load_dataset
 from eval_utils import evaluate
-from gsasrec import GSASRec, gbce_beta, gbce_loss, has_native_bf16
+from gsasrec import (GSASRec, gbce_beta, gbce_loss, has_native_bf16, logq_shift, sampled_softmax_loss,
+                     softmax_loss)
 from utils import (CommandLineParser, apply_overrides, atomic_save, atomic_write, build_model, checkpoint_name,
                    cpu_weights, load_config, machine_description, model_checkpoint, resolve_device,
                    run_cli)
@@ -90,6 +92,41 @@ class SampledCatalogueScores(torch.autograd.Function):
         grad_hidden = F.embedding_bag(negative_blocks.flatten(0, 1)[:count], table, per_sample_weights=grad_scores,
                                       mode="sum")
         return grad_hidden, grad_table.to_sparse(1) if ctx.sparse else grad_table, None, None, None
+
+
+class CatalogueLogSumExp(torch.autograd.Function):
+    """log sum_j exp(h . w_j) over the catalogue's items (ids 1..num_items) for each row of hidden, (n,): the full
+    softmax's normaliser, through the product hidden @ table.T in fixed-size blocks of rows, never kept whole.
+    The backward rebuilds each block's softmax p and takes g * p @ table for the hidden rows and (g * p).T @ hidden
+    for the table. With dtype bf16 the products run in bf16; softmax and normalisers are float32."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, table: torch.Tensor, dtype: torch.dtype, sparse: bool) -> torch.Tensor:
+        ctx.sparse, ctx.dtype = sparse, dtype
+        padding = -len(hidden) % CATALOGUE_BLOCK_ROWS
+        hidden_blocks = F.pad(hidden.to(dtype), (0, 0, 0, padding)).view(-1, CATALOGUE_BLOCK_ROWS, hidden.shape[1])
+        items_t = table[1:-1].to(dtype).T
+        normalisers = torch.stack([(block @ items_t).float().logsumexp(1) for block in hidden_blocks])
+        ctx.save_for_backward(hidden_blocks, table, normalisers)
+        return normalisers.flatten()[:len(hidden)]
+
+    @staticmethod
+    def backward(ctx, grad_normalisers: torch.Tensor):
+        hidden_blocks, table, normalisers = ctx.saved_tensors
+        count = grad_normalisers.shape[0]
+        grad_blocks = F.pad(grad_normalisers, (0, len(hidden_blocks) * CATALOGUE_BLOCK_ROWS - count)).view(
+            normalisers.shape)
+        items = table[1:-1].to(ctx.dtype)
+        grad_items = torch.zeros(items.shape, dtype=torch.float32, device=table.device)
+        grad_hidden = []
+        for block, block_normalisers, block_grad in zip(hidden_blocks, normalisers, grad_blocks):
+            weights = ((block @ items.T).float() - block_normalisers[:, None]).exp_().mul_(block_grad[:, None])
+            weights = weights.to(ctx.dtype)
+            grad_hidden.append((weights @ items).float())
+            grad_items += (weights.T @ block).float()
+        grad_table = F.pad(grad_items, (0, 0, 1, 1)).to(table.dtype)
+        grad_hidden = torch.cat(grad_hidden)[:count].to(table.dtype)
+        return grad_hidden, grad_table.to_sparse(1) if ctx.sparse else grad_table, None, None
 
 
 # Target rows per chunk when gathering each target's own negatives: a chunk's (rows, k, E) embeddings hold at most
@@ -167,7 +204,8 @@ def score_group(model: GSASRec, rows: torch.Tensor, negatives: torch.Tensor | No
 
 def training_loss(model: GSASRec, batch: torch.Tensor, config: GSASRecExperimentConfig, beta: float,
                   generator: torch.Generator) -> torch.Tensor:
-    """gBCE over every non-padded position of a (batch, width) window: inputs batch[:, :-1], labels batch[:, 1:].
+    """The config's loss over every non-padded position of a (batch, width) window: inputs batch[:, :-1], labels
+    batch[:, 1:].
 
     On a CPU, rows go through score_group in groups of similar length: the same loss as one padded pass
     (sequences do not interact), with about 40% fewer positions on ML-1M. Positives and per-position negatives
@@ -175,10 +213,11 @@ def training_loss(model: GSASRec, batch: torch.Tensor, config: GSASRecExperiment
     # Drawn up front, for every row or for every target in row-major order, so the draw does not depend on
     # grouping; target_numbers[row, column] is a target's row in the per-position draw.
     is_target = batch[:, :-1] != model.padding_id
-    per_sequence = config.negative_sampling == "per_sequence"
+    sampled = config.loss != "softmax"
+    per_sequence = sampled and config.negative_sampling == "per_sequence"
     count = len(batch) if per_sequence else int(is_target.sum())
     negatives = torch.randint(1, model.num_items + 1, (count, config.negs_per_pos), generator=generator,
-                              device=generator.device).to(batch.device)
+                              device=generator.device).to(batch.device) if sampled else None
     lengths = (batch != model.padding_id).sum(1)
     on_cpu = batch.device.type == "cpu"
     groups = ([torch.from_numpy(group) for group in length_groups(lengths.numpy(), max_padding=CPU_GROUP_PADDING)]
@@ -188,16 +227,24 @@ def training_loss(model: GSASRec, batch: torch.Tensor, config: GSASRecExperiment
     hidden = torch.cat([group.hidden for group in scores])
     table, sparse = model.output_item_embeddings, model.item_embedding.sparse
     positive = (hidden * F.embedding(torch.cat([group.labels for group in scores]), table, sparse=sparse)).sum(-1)
+    catalogue_dtype = torch.bfloat16 if config.bf16_scores and has_native_bf16(batch.device) else torch.float32
+    if not sampled:
+        return softmax_loss(positive, CatalogueLogSumExp.apply(hidden, table, catalogue_dtype, sparse))
     if per_sequence:
-        return gbce_loss(positive, torch.cat([group.negative for group in scores]), beta)
-    target_numbers = is_target.flatten().cumsum(0).view(is_target.shape) - 1
-    negatives = negatives[torch.cat([target_numbers[group][is_target[group]] for group in groups])]
-    if config.negs_per_pos > SMALL_K_FRACTION * model.num_items:
-        # Many negatives for the catalogue: scoring all of it and gathering is far cheaper than (n, k, E).
-        dtype = torch.bfloat16 if config.bf16_scores and has_native_bf16(batch.device) else torch.float32
-        return gbce_loss(positive, SampledCatalogueScores.apply(hidden, table, negatives, dtype, sparse), beta)
-    # Few for the catalogue (SASRec's k = 1, or k = 256 of 10^5 items and more): gathering each target's own.
-    return gbce_loss(positive, GatheredScores.apply(hidden, table, negatives, sparse), beta)
+        negative = torch.cat([group.negative for group in scores])
+    else:
+        target_numbers = is_target.flatten().cumsum(0).view(is_target.shape) - 1
+        negatives = negatives[torch.cat([target_numbers[group][is_target[group]] for group in groups])]
+        if config.negs_per_pos > SMALL_K_FRACTION * model.num_items:
+            # Many negatives for the catalogue: scoring all of it and gathering is far cheaper than (n, k, E).
+            negative = SampledCatalogueScores.apply(hidden, table, negatives, catalogue_dtype, sparse)
+        else:
+            # Few for the catalogue (SASRec's k = 1, or k = 256 of 10^5 items and more): gathering each target's own.
+            negative = GatheredScores.apply(hidden, table, negatives, sparse)
+    if config.loss == "sampled_softmax":
+        shift = logq_shift(config.negs_per_pos, model.num_items) if config.logq_correction else 0.0
+        return sampled_softmax_loss(positive, negative, shift)
+    return gbce_loss(positive, negative, beta)
 
 
 class AdamWithLazyTables(torch.optim.Optimizer):

@@ -92,7 +92,8 @@ def build_model(config: GSASRecExperimentConfig, num_items: int) -> GSASRec:
                    reuse_item_embeddings=config.reuse_item_embeddings,
                    embedding_init_std=config.embedding_init_std,
                    initial_score=-math.log(num_items) if config.prior_score_init else None,
-                   sparse_item_gradients=config.sparse_item_updates)
+                   sparse_item_gradients=config.sparse_item_updates, block=config.block,
+                   feed_forward_multiplier=config.ligr_feed_forward_multiplier)
 
 
 def resolve_device(name: str | None = None) -> torch.device:
@@ -231,6 +232,9 @@ def check_tensors(model_state: dict, expected: dict, what: str, official: bool) 
 
 def write_official_checkpoint(checkpoint: dict, path: str) -> None:
     """The checkpoint's weights as the official port saves them: a bare state dict under its parameter names."""
+    block = checkpoint["config"].get("block", "sasrec")
+    if block != "sasrec":
+        raise GSASRecError(f"the official port has SASRec blocks only; this checkpoint's are {block!r}")
     atomic_save(rename_parameters(checkpoint["model_state"], to_official=True), Path(path))
 
 
@@ -241,7 +245,8 @@ def model_from_checkpoint(checkpoint: dict, config: GSASRecExperimentConfig | No
     if num_items is not None and num_items != checkpoint["num_items"]:
         raise GSASRecError(f"{path} was trained on {checkpoint['num_items']} items but the dataset has {num_items}")
     if config is not None:
-        architecture = ["sequence_length", "embedding_dim", "num_heads", "num_blocks", "reuse_item_embeddings"]
+        architecture = ["sequence_length", "embedding_dim", "num_heads", "num_blocks", "reuse_item_embeddings",
+                        "block", "ligr_feed_forward_multiplier"]
         different = [name for name in architecture if getattr(config, name) != getattr(saved_config, name)]
         if different:
             raise GSASRecError(f"{path} does not fit the config: " + ", ".join(
