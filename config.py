@@ -130,12 +130,21 @@ class GSASRecExperimentConfig:
              "weight_averaging_decay must be in (0, 1)"),
             (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1"),
             (self.max_training_time is None or self.max_training_time > 0, "max_training_time must be > 0"),
-            (0 <= self.selection_start_step <= (self.max_steps or self.selection_start_step),
-             f"selection_start_step must be in [0, max_steps], got {self.selection_start_step}"),
+            (self.selection_start_step >= 0, f"selection_start_step must be >= 0, got {self.selection_start_step}"),
+            (self.selection_start_step <= (self.max_steps or self.selection_start_step),
+             f"selection_start_step ({self.selection_start_step}) is past max_steps ({self.max_steps}), so no "
+             f"checkpoint would be kept: lower it too, e.g. --set selection_start_step="
+             f"{int(0.8 * (self.max_steps or 0))} (the last fifth of the run)"),
         ]
         for ok, message in checks:
             if not ok:
                 raise GSASRecError(f"invalid config: {message}")
+
+    @property
+    def predicts_softmax(self) -> bool:
+        """Whether the model's probability of an item is its softmax over the candidates (the softmax losses)
+        rather than sigmoid(score) (gBCE)."""
+        return self.loss != "gbce"
 
     def metric_checks(self) -> list[tuple[bool, str]]:
         """The metrics' problems (eval_utils.metric_problems), found here before any training."""

@@ -65,8 +65,7 @@ def main() -> None:
               f"({made['threads']} threads, torch {made['torch']}, {made['world_size']} process(es))")
     inputs, targets = ((dataset.test_input, dataset.test_target) if args.split == "test"
                        else (dataset.val_input, dataset.val_target))
-    # A softmax-trained model's probabilities are its softmax over the candidates; gBCE's are sigmoid(score).
-    softmax_probabilities = args.calibration and config.loss != "gbce"
+    softmax_probabilities = args.calibration and config.predicts_softmax
     started = time.perf_counter()
     recommended, scores = recommend_batched(model, inputs, config.recommendation_limit, config.filter_rated,
                                             config.eval_batch_size, log_softmax=softmax_probabilities)

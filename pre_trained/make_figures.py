@@ -77,8 +77,9 @@ def calibration(checkpoints: dict[str, str], output: str, bins: int) -> None:
         model, config = load_model(path, device="cpu")
         dataset = load_dataset(ensure_dataset(config.dataset_name))
         items, scores = recommend_batched(model, dataset.test_input, config.recommendation_limit,
-                                          config.filter_rated, config.eval_batch_size)
-        reports[name] = top1_calibration(items, scores, dataset.test_target, bins)
+                                          config.filter_rated, config.eval_batch_size,
+                                          log_softmax=config.predicts_softmax)
+        reports[name] = top1_calibration(items, scores, dataset.test_target, bins, config.predicts_softmax)
         reports[name]["nDCG@10"] = ranking_metrics(items, dataset.test_target, ["nDCG@10"])["nDCG@10"]
         print(json.dumps({"name": name, **{k: v for k, v in reports[name].items() if k != "bins"}}))
     plot_reliability_diagrams(reports, output)

@@ -42,9 +42,10 @@ def test_shipped_checkpoint_evaluates_to_its_recorded_metrics(name):
     model, config = load_model(str(PRE_TRAINED / name), device="cpu")
     dataset = load_dataset(ensure_dataset("ml1m", source))
     items, scores = recommend_batched(model, dataset.test_input, config.recommendation_limit, config.filter_rated,
-                                      config.eval_batch_size)
+                                      config.eval_batch_size, log_softmax=config.predicts_softmax)
     metrics = ranking_metrics(items, dataset.test_target, config.metrics)
-    metrics["ECE"] = top1_calibration(items, scores, dataset.test_target)["ece"]
+    metrics["ECE"] = top1_calibration(items, scores, dataset.test_target,
+                                      log_probabilities=config.predicts_softmax)["ece"]
     assert metrics == pytest.approx(RECORDED[name], abs=1e-3)
     kind = name.split("/")[0]
     assert {metric: metrics[metric] >= floor for metric, floor in FLOORS[kind].items()} == {
