@@ -86,3 +86,20 @@ def test_an_official_checkpoint_for_another_item_count_is_refused_in_one_line(tr
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'bigger.pt'} was trained on 41 items but the dataset has 40"]
+
+
+def test_a_ligr_checkpoint_loads_and_is_refused_in_the_official_format(tmp_path):
+    """A LiGR model's checkpoint rebuilds the same network; the official port has no such block, so writing its
+    format stops with one line and writes nothing."""
+    config = replace(tiny_config(num_blocks=2), block="ligr", ligr_feed_forward_multiplier=2)
+    torch.manual_seed(0)
+    model = build_model(config, 40).eval()
+    ours = tmp_path / "ligr.pt"
+    atomic_save(model_checkpoint(model, config), ours)
+    loaded, loaded_config = load_model(str(ours), device="cpu")
+    input = torch.randint(1, 41, (3, config.sequence_length))
+    assert loaded_config.block == "ligr" and torch.equal(loaded(input), model(input))
+    written = tmp_path / "written.pt"
+    result = run_script("evaluate_gsasrec.py", str(ours), "--write-official", str(written))
+    assert result.returncode == 2 and not written.exists()
+    assert result.stderr.strip() == "error: the official port has SASRec blocks only; this checkpoint's are 'ligr'"
