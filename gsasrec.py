@@ -144,6 +144,8 @@ class SelfAttentionBlock(CausalAttention):
         """attention_bias: (batch, 1, L, L), 0 where a query may attend to a key and -inf elsewhere; None for
         plain causal attention (no padding), which lets a fused kernel skip the masked half. With
         last_position_only, only the last position's output is computed (keys still span the sequence)."""
+        if last_position_only and not self.drops_attention:
+            return self.last_position_output(seq, attention_bias, is_item)
         normed = self.attention_norm(seq[:, -1:] if last_position_only else seq)
         query = self.split_heads(self.query(normed))
         key, value = self.split_heads(self.key(seq)), self.split_heads(self.value(seq))
@@ -157,6 +159,21 @@ class SelfAttentionBlock(CausalAttention):
     def feed_forward_output(self, x: torch.Tensor) -> torch.Tensor:
         x = self.feed_forward_norm(x)
         return x + self.feed_forward(x)
+
+    def last_position_output(self, seq: torch.Tensor, attention_bias: torch.Tensor | None, is_item: torch.Tensor
+                             ) -> torch.Tensor:
+        """forward's last position without projecting every position's key and value (a quarter of evaluation's
+        matrix products): per head q . (W_k x + b_k) = (W_k^T q) . x + q . b_k, whose last term is the same for
+        every key and cancels in the softmax, and sum_j p_j (W_v x_j + b_v) = W_v (sum_j p_j x_j) + b_v."""
+        normed = self.attention_norm(seq[:, -1:])
+        heads, head_dim = self.num_heads, seq.shape[-1] // self.num_heads
+        query = self.query(normed).view(len(seq), 1, heads, head_dim).transpose(1, 2)
+        folded_query = query @ self.key.weight.view(heads, head_dim, -1)
+        positions = seq.unsqueeze(1).expand(-1, heads, -1, -1)
+        context = F.scaled_dot_product_attention(folded_query, positions, positions, scale=head_dim ** -0.5,
+                                                 attn_mask=None if attention_bias is None else attention_bias[:, :, -1:])
+        attended = self.merge_heads(context @ self.value.weight.view(heads, head_dim, -1).transpose(1, 2))
+        return self.feed_forward_output(normed + attended + self.value.bias) * is_item[:, -1:]
 
 
 class SwiGLU(nn.Module):
@@ -262,18 +279,21 @@ class GSASRec(nn.Module):
         table = self.item_embedding if self.reuse_item_embeddings else self.output_embedding
         return table.weight
 
-    def forward(self, input: torch.Tensor, last_position_only: bool = False) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, last_position_only: bool = False,
+                item_vectors: torch.Tensor | None = None) -> torch.Tensor:
         """(batch, length) left-padded item ids -> (batch, length, E) hidden states ((batch, 1, E) with
         last_position_only, which skips the last block's work on every other position).
 
         A length shorter than sequence_length is read as the rightmost part of a full window, so cutting
-        away columns of pure padding changes nothing."""
+        away columns of pure padding changes nothing. item_vectors: input's rows of the item table when the
+        caller has looked them up already (training does it once for all its length groups)."""
         length = input.shape[1]
         if length > self.sequence_length:
             raise ValueError(f"input length {length} exceeds sequence_length {self.sequence_length}")
         is_item = (input != self.padding_id).unsqueeze(-1)
         positions = torch.arange(self.sequence_length - length, self.sequence_length, device=input.device)
-        seq = self.item_embedding(input) + self.position_embedding(positions)
+        seq = (self.item_embedding(input) if item_vectors is None else item_vectors) + self.position_embedding(
+            positions)
         seq = self.embedding_dropout(seq) * is_item
         attention_bias = None
         # Padding, and the explicit attention that dropout needs (SelfAttentionBlock.drops_attention), need the mask

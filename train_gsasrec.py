@@ -182,18 +182,19 @@ class GroupScores(NamedTuple):
     negative: torch.Tensor | None  # (n, k) scores of per-sequence negatives; None for per-position ones
 
 
-def score_group(model: GSASRec, rows: torch.Tensor, negatives: torch.Tensor | None,
+def score_group(model: GSASRec, rows: torch.Tensor, item_vectors: torch.Tensor, negatives: torch.Tensor | None,
                 config: GSASRecExperimentConfig) -> GroupScores:
-    """One pass of the model over rows of similar length, cut to their longest: inputs rows[:, :-1], labels
-    rows[:, 1:]. negatives: (rows, k) ids per sequence, or None for per-position negatives. Rows of the output
-    table are looked up with F.embedding, whose gradient on a CPU is far cheaper than indexing's."""
+    """One pass of the model over rows of similar length, cut to their longest: inputs rows[:, :-1] (whose item
+    vectors are item_vectors, (rows, width - 1, E)), labels rows[:, 1:]. negatives: (rows, k) ids per sequence,
+    or None for per-position negatives. Rows of the output table are looked up with F.embedding, whose gradient
+    on a CPU is far cheaper than indexing's."""
     width = max(int((rows != model.padding_id).sum(1).max()), 2)
     input, labels = rows[:, -width:-1], rows[:, -width + 1:]
     # Flat row numbers of the targets: index_select's gradient adds whole rows, far cheaper than a mask's.
     targets = (input != model.padding_id).flatten().nonzero().squeeze(1)
     bf16 = config.bf16 and has_native_bf16(rows.device)
     with torch.autocast(rows.device.type, dtype=torch.bfloat16, enabled=bf16):
-        hidden = model(input).float()
+        hidden = model(input, item_vectors=item_vectors[:, -width + 1:]).float()
     target_hidden, target_labels = hidden.flatten(0, 1).index_select(0, targets), labels.flatten()[targets]
     if negatives is None:
         return GroupScores(target_hidden, target_labels, None)
@@ -222,12 +223,18 @@ def training_loss(model: GSASRec, batch: torch.Tensor, config: GSASRecExperiment
     on_cpu = batch.device.type == "cpu"
     groups = ([torch.from_numpy(group) for group in length_groups(lengths.numpy(), max_padding=CPU_GROUP_PADDING)]
               if on_cpu else [torch.arange(len(batch), device=batch.device)])
-    scores = [score_group(model, batch[group], negatives[group] if per_sequence else None, config)
-              for group in groups]
+    # The input vectors of every group in one lookup: one gradient of the item table, not one per group (on a
+    # million items each group's is a dense 512 MB to fill and add; 12 groups were 2 s of a 4.7 s step).
+    item_vectors = model.item_embedding(batch[torch.cat(groups), :-1]).split([len(group) for group in groups])
+    scores = [score_group(model, batch[group], group_vectors, negatives[group] if per_sequence else None, config)
+              for group, group_vectors in zip(groups, item_vectors)]
     hidden = torch.cat([group.hidden for group in scores])
+    labels = torch.cat([group.labels for group in scores])
     table, sparse = model.output_item_embeddings, model.item_embedding.sparse
-    positive = (hidden * F.embedding(torch.cat([group.labels for group in scores]), table, sparse=sparse)).sum(-1)
     catalogue_dtype = torch.bfloat16 if config.bf16_scores and has_native_bf16(batch.device) else torch.float32
+    gathered = sampled and not per_sequence and config.negs_per_pos <= SMALL_K_FRACTION * model.num_items
+    if not gathered:
+        positive = (hidden * F.embedding(labels, table, sparse=sparse)).sum(-1)
     if not sampled:
         return softmax_loss(positive, CatalogueLogSumExp.apply(hidden, table, catalogue_dtype, sparse))
     if per_sequence:
@@ -235,12 +242,15 @@ def training_loss(model: GSASRec, batch: torch.Tensor, config: GSASRecExperiment
     else:
         target_numbers = is_target.flatten().cumsum(0).view(is_target.shape) - 1
         negatives = negatives[torch.cat([target_numbers[group][is_target[group]] for group in groups])]
-        if config.negs_per_pos > SMALL_K_FRACTION * model.num_items:
-            # Many negatives for the catalogue: scoring all of it and gathering is far cheaper than (n, k, E).
-            negative = SampledCatalogueScores.apply(hidden, table, negatives, catalogue_dtype, sparse)
+        if gathered:
+            # Few negatives for the catalogue (SASRec's k = 1, or k = 256 of 10^5 items and more): each target's own
+            # rows gathered, its positive in column 0, so the table gets one gradient instead of two to add up
+            # (on a million items each is 512 MB when dense).
+            scored = GatheredScores.apply(hidden, table, torch.cat([labels.unsqueeze(1), negatives], 1), sparse)
+            positive, negative = scored[:, 0], scored[:, 1:]
         else:
-            # Few for the catalogue (SASRec's k = 1, or k = 256 of 10^5 items and more): gathering each target's own.
-            negative = GatheredScores.apply(hidden, table, negatives, sparse)
+            # Many for the catalogue: scoring all of it and gathering is far cheaper than (n, k, E).
+            negative = SampledCatalogueScores.apply(hidden, table, negatives, catalogue_dtype, sparse)
     if config.loss == "sampled_softmax":
         shift = logq_shift(config.negs_per_pos, model.num_items) if config.logq_correction else 0.0
         return sampled_softmax_loss(positive, negative, shift)

@@ -11,8 +11,8 @@ PAD = NUM_ITEMS + 1
 
 def small_model(**kwargs) -> GSASRec:
     torch.manual_seed(0)
-    return GSASRec(NUM_ITEMS, LENGTH, embedding_dim=16, num_heads=2, num_blocks=2, embedding_init_std=0.5,
-                   **kwargs).eval()
+    return GSASRec(NUM_ITEMS, LENGTH, **{"embedding_dim": 16, "num_heads": 2, "num_blocks": 2,
+                                         "embedding_init_std": 0.5, **kwargs}).eval()
 
 
 def test_changing_an_item_changes_no_earlier_output():
@@ -140,17 +140,20 @@ def test_scores_can_start_at_a_prior():
     assert abs(plain_scores.mean().item()) < 1.0
 
 
-def test_last_position_only_equals_the_full_forward():
-    """Computing the last block for the last position only (one query) changes no output."""
-    model = small_model()
+@pytest.mark.parametrize("num_heads", [1, 2])
+def test_last_position_only_equals_the_full_forward(num_heads):
+    """Computing the last block for the last position only (one query, the key and value layers folded into it)
+    changes no output, with padding and without (no mask)."""
+    model = small_model(num_heads=num_heads)
     with torch.no_grad():
         model.blocks[-1].key.bias.normal_()
         model.blocks[-1].value.bias.normal_()
     input = torch.randint(1, NUM_ITEMS + 1, (12, LENGTH))
+    unpadded = input.clone()
     for row in range(12):
         input[row, :row % LENGTH] = PAD
-    full = model(input)[:, -1:]
-    torch.testing.assert_close(model(input, last_position_only=True), full, rtol=1e-5, atol=1e-5)
+    for batch in (input, unpadded):
+        torch.testing.assert_close(model(batch, last_position_only=True), model(batch)[:, -1:], rtol=1e-5, atol=1e-5)
 
 
 def test_unpadded_inputs_take_the_causal_kernel_with_the_same_outputs():
