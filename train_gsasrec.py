@@ -35,6 +35,9 @@ from utils import (CommandLineParser, apply_overrides, atomic_save, atomic_write
                    cpu_weights, load_config, machine_description, model_checkpoint, resolve_device,
                    run_cli)
 
+# Transparent huge pages for PyTorch's large CPU tensors (read at its first large allocation): on a million items a
+# step allocates 1 GB of table gradients; huge pages took the step from 2.31 to 2.09-2.12 s (median of 4 steps).
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 STATE_FILE = "train_state.pt"
 STATE_KEYS = ("config", "model_state", "optimizer_state", "scheduler_state", "progress", "rng_states")
 LOG_FILE = "log.jsonl"
@@ -565,9 +568,10 @@ class Trainer:
     def train_step(self, rows: np.ndarray) -> float:
         batch = training_batch(self.dataset, rows, self.config, self.generator).to(self.device)
         loss = self.objective(batch, self.generator)
-        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        # Freed now rather than at the next backward: on a million items the tables' gradients are 1 GB.
+        self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         if self.averaged is not None:
             self.averaged.update_parameters(self.model)

@@ -1,6 +1,9 @@
 """The machinery behind the shipped numbers: early stopping, budgets and resuming, the learning-rate schedule, the
 prior score init, which users train, what evaluation ranks and scores, and the block against a plain SASRec block."""
 import json
+import os
+import subprocess
+import sys
 import math
 from pathlib import Path
 
@@ -14,7 +17,7 @@ from config import GSASRecError, GSASRecExperimentConfig
 from dataset_utils import dataset_directory, load_dataset
 from eval_utils import evaluate, recommend_batched
 from gsasrec import GSASRec, SelfAttentionBlock
-from tests.conftest import run_script, tiny_config, write_config, write_synthetic_dataset
+from tests.conftest import REPO, run_script, tiny_config, write_config, write_synthetic_dataset
 from train_gsasrec import Trainer, train
 from utils import atomic_save, build_model, model_checkpoint, read_checkpoint, recommend_batch
 
@@ -565,3 +568,15 @@ def test_the_model_is_embeddings_then_plain_sasrec_blocks_then_a_layer_norm(num_
         torch.testing.assert_close(model(input, last_position_only=True)[:, -1], expected[:, -1])
         unpadded = input[:1]
         torch.testing.assert_close(model(unpadded), expected[:1])
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "1"), ("0", "0")])
+def test_training_asks_for_huge_pages_unless_the_user_said_otherwise(preset, expected):
+    """train_gsasrec.py turns on PyTorch's transparent huge pages for large CPU tensors; a value already in the
+    environment stays."""
+    environment = {key: value for key, value in os.environ.items() if key != "THP_MEM_ALLOC_ENABLE"}
+    if preset is not None:
+        environment["THP_MEM_ALLOC_ENABLE"] = preset
+    output = subprocess.run([sys.executable, "-c", "import os, train_gsasrec; print(os.environ['THP_MEM_ALLOC_ENABLE'])"],
+                            cwd=REPO, env=environment, capture_output=True, text=True, check=True).stdout
+    assert output.strip() == expected
