@@ -162,16 +162,16 @@ class SelfAttentionBlock(CausalAttention):
 
     def last_position_output(self, seq: torch.Tensor, attention_bias: torch.Tensor | None, is_item: torch.Tensor
                              ) -> torch.Tensor:
-        """forward's last position without projecting every position's key and value (a quarter of evaluation's
-        matrix products): per head q . (W_k x + b_k) = (W_k^T q) . x + q . b_k, whose last term is the same for
-        every key and cancels in the softmax, and sum_j p_j (W_v x_j + b_v) = W_v (sum_j p_j x_j) + b_v."""
+        """forward's last position without projecting every position's key and value (2 of evaluation's 7
+        per-position matrix products): per head q . (W_k x + b_k) = (W_k^T q) . x + q . b_k, whose last term is the
+        same for every key and cancels in the softmax, and sum_j p_j (W_v x_j + b_v) = W_v (sum_j p_j x_j) + b_v."""
         normed = self.attention_norm(seq[:, -1:])
         heads, head_dim = self.num_heads, seq.shape[-1] // self.num_heads
         query = self.query(normed).view(len(seq), 1, heads, head_dim).transpose(1, 2)
         folded_query = query @ self.key.weight.view(heads, head_dim, -1)
         positions = seq.unsqueeze(1).expand(-1, heads, -1, -1)
-        context = F.scaled_dot_product_attention(folded_query, positions, positions, scale=head_dim ** -0.5,
-                                                 attn_mask=None if attention_bias is None else attention_bias[:, :, -1:])
+        last_bias = None if attention_bias is None else attention_bias[:, :, -1:]
+        context = F.scaled_dot_product_attention(folded_query, positions, positions, last_bias, scale=head_dim ** -0.5)
         attended = self.merge_heads(context @ self.value.weight.view(heads, head_dim, -1).transpose(1, 2))
         return self.feed_forward_output(normed + attended + self.value.bias) * is_item[:, -1:]
 

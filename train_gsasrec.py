@@ -226,11 +226,13 @@ def training_loss(model: GSASRec, batch: torch.Tensor, config: GSASRecExperiment
     on_cpu = batch.device.type == "cpu"
     groups = ([torch.from_numpy(group) for group in length_groups(lengths.numpy(), max_padding=CPU_GROUP_PADDING)]
               if on_cpu else [torch.arange(len(batch), device=batch.device)])
+    sizes = [len(group) for group in groups]
+    grouped = batch[torch.cat(groups)]
     # The input vectors of every group in one lookup: one gradient of the item table, not one per group (on a
     # million items each group's is a dense 512 MB to fill and add; 12 groups were 2 s of a 4.7 s step).
-    item_vectors = model.item_embedding(batch[torch.cat(groups), :-1]).split([len(group) for group in groups])
-    scores = [score_group(model, batch[group], group_vectors, negatives[group] if per_sequence else None, config)
-              for group, group_vectors in zip(groups, item_vectors)]
+    item_vectors = model.item_embedding(grouped[:, :-1]).split(sizes)
+    scores = [score_group(model, rows, rows_vectors, negatives[group] if per_sequence else None, config)
+              for group, rows, rows_vectors in zip(groups, grouped.split(sizes), item_vectors)]
     hidden = torch.cat([group.hidden for group in scores])
     labels = torch.cat([group.labels for group in scores])
     table, sparse = model.output_item_embeddings, model.item_embedding.sparse

@@ -1,7 +1,6 @@
 """Shared by the benchmarks: the ML-1M split or a synthetic one of any size, and the JSON report."""
 import argparse
 import json
-import os
 import resource
 import sys
 from pathlib import Path
@@ -9,8 +8,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# As train_gsasrec.py sets it: PyTorch reads it at its first large allocation, which comes later.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from config import GSASRecError  # noqa: E402

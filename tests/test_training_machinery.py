@@ -1,10 +1,10 @@
 """The machinery behind the shipped numbers: early stopping, budgets and resuming, the learning-rate schedule, the
 prior score init, which users train, what evaluation ranks and scores, and the block against a plain SASRec block."""
 import json
+import math
 import os
 import subprocess
 import sys
-import math
 from pathlib import Path
 
 import numpy as np
@@ -577,6 +577,7 @@ def test_training_asks_for_huge_pages_unless_the_user_said_otherwise(preset, exp
     environment = {key: value for key, value in os.environ.items() if key != "THP_MEM_ALLOC_ENABLE"}
     if preset is not None:
         environment["THP_MEM_ALLOC_ENABLE"] = preset
-    output = subprocess.run([sys.executable, "-c", "import os, train_gsasrec; print(os.environ['THP_MEM_ALLOC_ENABLE'])"],
-                            cwd=REPO, env=environment, capture_output=True, text=True, check=True).stdout
+    program = "import os, train_gsasrec; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
+    output = subprocess.run([sys.executable, "-c", program], cwd=REPO, env=environment, capture_output=True, text=True,
+                            check=True).stdout
     assert output.strip() == expected
