@@ -105,11 +105,13 @@ def test_a_resumed_run_takes_this_devices_adam_kernel(synthetic_datasets_dir, tm
     train(tiny_config(max_steps=3), dataset, tmp_path / "run", torch.device("cpu"), progress=False)
     state_path = tmp_path / "run" / "train_state.pt"
     state = torch.load(state_path, weights_only=False)
-    assert state["optimizer_state"]["param_groups"][0]["fused"] is True
-    state["optimizer_state"]["param_groups"][0]["fused"] = False
+    fused = lambda state: [part["param_groups"][0]["fused"] for part in state["optimizer_state"]["parts"]]  # noqa
+    assert fused(state) == [True] * 3  # the dense parameters and each item table
+    for part in state["optimizer_state"]["parts"]:
+        part["param_groups"][0]["fused"] = False
     torch.save(state, state_path)
     train(tiny_config(max_steps=6), dataset, tmp_path / "run", torch.device("cpu"), progress=False)
-    assert torch.load(state_path, weights_only=False)["optimizer_state"]["param_groups"][0]["fused"] is True
+    assert fused(torch.load(state_path, weights_only=False)) == [True] * 3
 
 
 def test_a_different_config_does_not_resume_silently(synthetic_datasets_dir, tmp_path):

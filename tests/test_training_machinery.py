@@ -232,6 +232,10 @@ def test_the_optimizer_follows_warmup_then_cosine(synthetic_datasets_dir, tmp_pa
     assert trainer.optimizer.param_groups[0]["lr"] == 0.0
 
 
+def saved_rates(saved: dict) -> list[float]:
+    return [part["param_groups"][0]["lr"] for part in saved["optimizer_state"]["parts"]]
+
+
 def test_the_learning_rate_continues_exactly_across_interruptions(synthetic_datasets_dir, tmp_path):
     """Stopped with max_steps in the warm-up and in the decay, then resumed: the saved rates are the schedule's
     and the final rate and weights equal an uninterrupted run's."""
@@ -243,14 +247,42 @@ def test_the_learning_rate_continues_exactly_across_interruptions(synthetic_data
         state = train(small_config(max_steps=stop, **schedule), dataset, tmp_path / "resumed", CPU, progress=False)
         assert state.step == stop
         saved = saved_state(tmp_path / "resumed")
-        assert saved["optimizer_state"]["param_groups"][0]["lr"] == pytest.approx(
-            scheduled_lr(base, warmup, decay, stop), rel=1e-9)
+        # Every part of the optimizer (the dense parameters, each item table) at the schedule's rate.
+        assert saved_rates(saved) == pytest.approx([scheduled_lr(base, warmup, decay, stop)] * 3, rel=1e-9)
     assert straight.step == 14
     a, b = saved_state(tmp_path / "straight"), saved_state(tmp_path / "resumed")
-    assert a["optimizer_state"]["param_groups"][0]["lr"] == b["optimizer_state"]["param_groups"][0]["lr"]
+    assert saved_rates(a) == saved_rates(b)
     assert a["scheduler_state"]["last_epoch"] == b["scheduler_state"]["last_epoch"] == 14
     for name, value in a["model_state"].items():
         assert torch.equal(value, b["model_state"][name]), name
+
+
+@pytest.mark.parametrize("in_backward", [True, False])
+def test_the_item_tables_take_adams_updates_and_in_backward_one_gradient_at_a_time(synthetic_datasets_dir,
+                                                                                   in_backward):
+    """The tables' own Adam, stepped in backward or after it, moves every parameter exactly as one Adam over the
+    model does; in backward, the output table's gradient is gone before the input table's is complete."""
+    dataset = load_dataset(dataset_directory("successor"))
+    config = small_config(negative_sampling="per_position")
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(build_model(config, dataset.num_items))
+    optimizers = (torch.optim.Adam(models[0].parameters(), lr=config.learning_rate, fused=True),
+                  train_gsasrec.build_optimizer(models[1], config, in_backward=in_backward))
+    output_gradient_gone = []
+    models[1].item_embedding.weight.register_post_accumulate_grad_hook(
+        lambda table: output_gradient_gone.append(models[1].output_embedding.weight.grad is None))
+    for step in range(3):
+        batch = train_gsasrec.training_batch(dataset, np.arange(4 * step, 4 * step + 4), config, torch.Generator())
+        for model, optimizer in zip(models, optimizers):
+            torch.manual_seed(step)  # the same dropout masks for both
+            train_gsasrec.training_loss(model, batch, config, 0.5, torch.Generator().manual_seed(step)).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    assert output_gradient_gone == [in_backward] * 3
+    for name, value in models[0].state_dict().items():
+        assert torch.equal(value, models[1].state_dict()[name]), name
 
 
 @pytest.mark.parametrize("reuse_item_embeddings", [False, True])
@@ -270,7 +302,7 @@ def test_sparse_item_updates_are_adam_on_the_touched_rows_and_leave_the_others(s
         optimizers.append(train_gsasrec.build_optimizer(models[-1], config))
         for group in optimizers[-1].param_groups:
             group["eps"] = 1e-20  # SparseAdam adds eps before the bias correction, Adam after: make it vanish
-    assert isinstance(optimizers[1], train_gsasrec.AdamWithLazyTables)
+    assert isinstance(optimizers[1].parts[1], torch.optim.SparseAdam)
     beta = 0.5
     touched = []
     for step, rows in enumerate((np.arange(0, 4), np.arange(4, 8))):
@@ -281,8 +313,9 @@ def test_sparse_item_updates_are_adam_on_the_touched_rows_and_leave_the_others(s
             train_gsasrec.training_loss(model, batch, small_config(), beta, torch.Generator().manual_seed(step)
                                         ).backward()
             table = model.output_item_embeddings
-            assert table.grad.is_sparse == model.item_embedding.sparse
-            if table.grad.is_sparse:
+            # Adam steps the dense tables in backward and frees their gradients there.
+            assert table.grad.is_sparse if model.item_embedding.sparse else table.grad is None
+            if table.grad is not None:
                 touched.append(set(table.grad.coalesce().indices()[0].tolist()))
             optimizer.step()
         dense, lazy = (model.output_item_embeddings.detach() for model in models)
