@@ -292,6 +292,9 @@ class AdamWithSeparateTables(torch.optim.Optimizer):
         return {"parts": [part.state_dict() for part in self.parts]}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        if len(state_dict.get("parts", ())) != len(self.parts):
+            raise GSASRecError("the training state's optimizer was saved by an earlier version of this code (one Adam "
+                               "for every parameter); start the run again with --fresh")
         for part, part_state in zip(self.parts, state_dict["parts"]):
             part.load_state_dict(part_state)
         self.param_groups = self.part_groups()  # loading replaced the parts' group dicts

@@ -114,6 +114,18 @@ def test_a_resumed_run_takes_this_devices_adam_kernel(synthetic_datasets_dir, tm
     assert fused(torch.load(state_path, weights_only=False)) == [True] * 3
 
 
+def test_a_training_state_with_one_adam_for_every_parameter_is_refused_in_one_line(synthetic_datasets_dir, tmp_path):
+    """Earlier versions saved a single Adam's state; this one keeps the item tables' Adam apart."""
+    dataset = load_dataset(dataset_directory("successor"))
+    train(tiny_config(max_steps=3), dataset, tmp_path / "run", torch.device("cpu"), progress=False)
+    state_path = tmp_path / "run" / "train_state.pt"
+    state = torch.load(state_path, weights_only=False)
+    state["optimizer_state"] = torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))]).state_dict()
+    torch.save(state, state_path)
+    with pytest.raises(GSASRecError, match="earlier version of this code.*--fresh"):
+        train(tiny_config(max_steps=6), dataset, tmp_path / "run", torch.device("cpu"), progress=False)
+
+
 def test_a_different_config_does_not_resume_silently(synthetic_datasets_dir, tmp_path):
     dataset = load_dataset(dataset_directory("successor"))
     train(tiny_config(max_steps=3), dataset, tmp_path / "run", torch.device("cpu"), progress=False)
