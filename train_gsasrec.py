@@ -265,8 +265,10 @@ def training_loss(model: GSASRec, batch: torch.Tensor, config: GSASRecExperiment
 class AdamWithSeparateTables(torch.optim.Optimizer):
     """Adam with optimizers of their own for the item tables: torch.optim.SparseAdam's lazy update
     (sparse_item_updates), or else Adam per table, which with in_backward steps inside backward the moment the
-    table's gradient is complete and frees it, so the two tables' gradients never exist together (on a million
-    items each is 512 MB). The updates are Adam's either way; one optimizer for the learning-rate schedule and the
+    table's gradient is complete. The output table's gradient is freed there, so the two tables' gradients never
+    exist together (on a million items each is 512 MB). The input table's, the last of a backward (tables[0]), is
+    kept until zero_grad: zeroed just before the next backward, its memory is still warm when the next output
+    gradient takes it. The updates are Adam's either way; one optimizer for the learning-rate schedule and the
     training state."""
 
     def __init__(self, dense: list[nn.Parameter], tables: list[nn.Parameter], lr: float, fused: bool, lazy: bool,
@@ -276,8 +278,8 @@ class AdamWithSeparateTables(torch.optim.Optimizer):
         self.parts = (torch.optim.Adam(dense, lr=lr, fused=fused), *table_parts)
         self.in_backward = in_backward and not lazy
         if self.in_backward:
-            for table, part in zip(tables, table_parts):
-                table.register_post_accumulate_grad_hook(partial(step_and_free, part))
+            for index, (table, part) in enumerate(zip(tables, table_parts)):
+                table.register_post_accumulate_grad_hook(partial(step_table, part, free=index > 0))
         super().__init__(self.part_groups(), {"lr": lr, "fused": fused})
 
     def part_groups(self) -> list[dict]:
@@ -300,9 +302,10 @@ class AdamWithSeparateTables(torch.optim.Optimizer):
         self.param_groups = self.part_groups()  # loading replaced the parts' group dicts
 
 
-def step_and_free(optimizer: torch.optim.Optimizer, table: nn.Parameter) -> None:
+def step_table(optimizer: torch.optim.Optimizer, table: nn.Parameter, free: bool) -> None:
     optimizer.step()
-    table.grad = None
+    if free:
+        table.grad = None
 
 
 def build_optimizer(model: GSASRec, config: GSASRecExperimentConfig, in_backward: bool = True
@@ -588,10 +591,11 @@ class Trainer:
     def train_step(self, rows: np.ndarray) -> float:
         batch = training_batch(self.dataset, rows, self.config, self.generator).to(self.device)
         loss = self.objective(batch, self.generator)
+        # Just before backward, not after the last step: the input table's gradient is kept until here (on a
+        # million items its 512 MB, freed a moment earlier, are reused at once by the output table's gradient).
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        # Freed now rather than at the next backward: on a million items the tables' gradients are 1 GB.
-        self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         if self.averaged is not None:
             self.averaged.update_parameters(self.model)
@@ -605,6 +609,7 @@ class Trainer:
     def end_epoch(self) -> None:
         """Rank 0 validates, keeps the best checkpoint and logs; then every rank takes rank 0's state."""
         progress, config = self.progress, self.config
+        self.optimizer.zero_grad(set_to_none=True)  # the kept input-table gradient is not needed until the next step
         if self.rank == 0:
             validation = self.evaluate(self.dataset.val_input, self.dataset.val_target)
             self.tick()

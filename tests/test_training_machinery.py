@@ -270,7 +270,7 @@ def test_the_item_tables_take_adams_updates_and_in_backward_one_gradient_at_a_ti
         models.append(build_model(config, dataset.num_items))
     optimizers = (torch.optim.Adam(models[0].parameters(), lr=config.learning_rate, fused=True),
                   train_gsasrec.build_optimizer(models[1], config, in_backward=in_backward))
-    output_gradient_gone = []
+    output_gradient_gone, input_gradient_kept = [], []
     models[1].item_embedding.weight.register_post_accumulate_grad_hook(
         lambda table: output_gradient_gone.append(models[1].output_embedding.weight.grad is None))
     for step in range(3):
@@ -279,8 +279,12 @@ def test_the_item_tables_take_adams_updates_and_in_backward_one_gradient_at_a_ti
             torch.manual_seed(step)  # the same dropout masks for both
             train_gsasrec.training_loss(model, batch, config, 0.5, torch.Generator().manual_seed(step)).backward()
             optimizer.step()
+            if model is models[1]:
+                input_gradient_kept.append(model.item_embedding.weight.grad is not None)
             optimizer.zero_grad(set_to_none=True)
     assert output_gradient_gone == [in_backward] * 3
+    # The input table's gradient, the last of backward, is kept until zero_grad (its memory for the next step's).
+    assert input_gradient_kept == [True] * 3
     for name, value in models[0].state_dict().items():
         assert torch.equal(value, models[1].state_dict()[name]), name
 
@@ -313,10 +317,12 @@ def test_sparse_item_updates_are_adam_on_the_touched_rows_and_leave_the_others(s
             train_gsasrec.training_loss(model, batch, small_config(), beta, torch.Generator().manual_seed(step)
                                         ).backward()
             table = model.output_item_embeddings
-            # Adam steps the dense tables in backward and frees their gradients there.
-            assert table.grad.is_sparse if model.item_embedding.sparse else table.grad is None
-            if table.grad is not None:
+            # Adam steps the dense tables in backward and frees the output table's gradient there.
+            if model.item_embedding.sparse:
+                assert table.grad.is_sparse
                 touched.append(set(table.grad.coalesce().indices()[0].tolist()))
+            else:
+                assert (table.grad is None) != reuse_item_embeddings
             optimizer.step()
         dense, lazy = (model.output_item_embeddings.detach() for model in models)
         if step == 0:
