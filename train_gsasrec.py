@@ -170,8 +170,10 @@ class GatheredScores(torch.autograd.Function):
         # 0.56 s and the zeroing of a 512 MB table for adding each chunk's (rows, k, E) contributions into it.
         items, order = negatives.flatten().sort()
         counts = torch.bincount(items, minlength=len(table))
-        rows = counts.nonzero().squeeze(1) if ctx.sparse else torch.arange(len(table), device=table.device)
-        bag_starts = (counts.cumsum(0) - counts)[rows]
+        bag_starts = counts.cumsum(0) - counts
+        if ctx.sparse:
+            rows = counts.nonzero().squeeze(1)
+            bag_starts = bag_starts[rows]
         grad_rows = F.embedding_bag(order // negatives.shape[1], hidden, bag_starts,
                                     per_sample_weights=grad_scores.flatten()[order], mode="sum")
         grad_table = sparse_rows(table.shape, rows, grad_rows) if ctx.sparse else grad_rows
