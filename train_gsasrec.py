@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.adam import adam
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
@@ -137,22 +138,102 @@ class CatalogueLogSumExp(torch.autograd.Function):
 GATHERED_NUMBERS_PER_CHUNK = 2 ** 22
 
 
-def sparse_rows(table_shape: torch.Size, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """A (num_items + 2, E) gradient that is zero outside `rows` (unique ids), as a sparse tensor."""
-    return torch.sparse_coo_tensor(rows.unsqueeze(0), values, table_shape, is_coalesced=True, check_invariants=False)
+class ItemBags:
+    """A table's gradient whose row i sums weight * source row over the pairs that drew item i: with the pairs
+    ordered by item, each row is one bag of source rows, so any block of rows is one embedding_bag. Pair p's source
+    row is p // pairs_per_source; weights None for all ones. On a million items, bags took the gathered backward
+    from 0.56 s (and the zeroing of a 512 MB table) to 0.26 s against adding each chunk's (rows, k, E) into a table."""
+
+    def __init__(self, items: torch.Tensor, pairs_per_source: int, source_rows: torch.Tensor,
+                 weights: torch.Tensor | None, num_rows: int):
+        items, order = items.flatten().sort(stable=True)
+        self.counts = torch.bincount(items, minlength=num_rows)
+        self.bounds = F.pad(self.counts.cumsum(0), (1, 0))  # row i's pairs: bounds[i] to bounds[i + 1]
+        self.weights = None if weights is None else weights.flatten()[order]
+        self.sources = order.div_(pairs_per_source, rounding_mode="floor")  # in place: one 30 MB array fewer
+        self.source_rows = source_rows
+
+    def rows(self, start: int, end: int) -> torch.Tensor:
+        """Rows start..end - 1 of the gradient, dense."""
+        first, last = int(self.bounds[start]), int(self.bounds[end])
+        return F.embedding_bag(self.sources[first:last], self.source_rows, self.bounds[start:end] - first,
+                               per_sample_weights=None if self.weights is None else self.weights[first:last],
+                               mode="sum")
+
+    def sparse(self, shape: torch.Size) -> torch.Tensor:
+        """The gradient as a sparse tensor of the rows drawn."""
+        drawn = self.counts.nonzero().squeeze(1)
+        values = F.embedding_bag(self.sources, self.source_rows, self.bounds[drawn],
+                                 per_sample_weights=self.weights, mode="sum")
+        return torch.sparse_coo_tensor(drawn.unsqueeze(0), values, shape, is_coalesced=True, check_invariants=False)
+
+
+# Rows of a table per block of its Adam step in backward (TableStep): its gradient, parameters and moments stay in
+# cache between the bags that make the gradient and the update.
+TABLE_STEP_BLOCK_ROWS = 8192
+
+
+class TableStep:
+    """Adam's step of one item table, taken inside backward from its gradient's bags, block by block of rows, so the
+    gradient never exists whole (on a million items it is 512 MB). The state and settings are the table's own
+    Adam's, whose step() then skips the table: it has no gradient."""
+
+    def __init__(self, optimizer: torch.optim.Adam, table: nn.Parameter):
+        self.optimizer, self.table = optimizer, table
+
+    def __call__(self, gradient: ItemBags) -> None:
+        group, state = self.optimizer.param_groups[0], self.optimizer.state[self.table]
+        table = self.table.detach()
+        if not state:  # as torch.optim.Adam starts a parameter's state
+            state.update(step=torch.zeros((), dtype=torch.float32, device=table.device),
+                         exp_avg=torch.zeros_like(table), exp_avg_sq=torch.zeros_like(table))
+        steps_before = state["step"].clone()
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        for start in range(0, len(table), TABLE_STEP_BLOCK_ROWS):
+            block = slice(start, min(start + TABLE_STEP_BLOCK_ROWS, len(table)))
+            # adam() counts the step itself, on its own copy of the count.
+            adam([table[block]], [gradient.rows(block.start, block.stop)], [state["exp_avg"][block]],
+                 [state["exp_avg_sq"][block]], [], [steps_before.clone()], fused=group["fused"],
+                 amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"],
+                 weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"])
+
+
+class TableSteps(NamedTuple):
+    """The tables whose Adam step training_loss's backward takes (TableStep): None for one whose gradient is made
+    whole, as for any parameter."""
+    input: TableStep | None = None
+    output: TableStep | None = None
+
+
+class ItemLookup(torch.autograd.Function):
+    """The input table's rows of ids, (..., E), as F.embedding, whose backward hands the table's gradient to a
+    TableStep as bags rather than returning it."""
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, ids: torch.Tensor, table_step: TableStep) -> torch.Tensor:
+        ctx.save_for_backward(ids)
+        ctx.table_step, ctx.num_rows = table_step, len(table)
+        return F.embedding(ids, table)
+
+    @staticmethod
+    def backward(ctx, grad_rows: torch.Tensor):
+        ids, = ctx.saved_tensors
+        ctx.table_step(ItemBags(ids, 1, grad_rows.reshape(-1, grad_rows.shape[-1]), None, ctx.num_rows))
+        return None, None, None
 
 
 class GatheredScores(torch.autograd.Function):
     """Scores of each target's own k negatives, (n, k): hidden rows dotted with their gathered table rows, in
     chunks of rows so the (n, k, E) embeddings never exist at once. The backward needs no (n, k, E) either: the
-    hidden gradient is an embedding_bag of the table weighted by the score gradient, and the table gradient one of
-    the hidden rows, with the (target, negative) pairs ordered by item so each item's row is one bag (a sparse
-    gradient of the rows drawn when sparse)."""
+    hidden gradient is an embedding_bag of the table weighted by the score gradient, and the table gradient bags
+    of the hidden rows (ItemBags): dense, sparse (the rows drawn), or taken by a TableStep."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, table: torch.Tensor, negatives: torch.Tensor, sparse: bool) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, table: torch.Tensor, negatives: torch.Tensor, sparse: bool,
+                table_step: TableStep | None) -> torch.Tensor:
         ctx.save_for_backward(hidden, table, negatives)
-        ctx.sparse = sparse
+        ctx.sparse, ctx.table_step = sparse, table_step
         chunk = max(1, GATHERED_NUMBERS_PER_CHUNK // (negatives.shape[1] * hidden.shape[1]))
         # Rows gathered as bags of one: 5x faster than F.embedding's index_select on a table of a million rows,
         # as fast on ML-1M's.
@@ -165,19 +246,13 @@ class GatheredScores(torch.autograd.Function):
     def backward(ctx, grad_scores: torch.Tensor):
         hidden, table, negatives = ctx.saved_tensors
         grad_hidden = F.embedding_bag(negatives, table, per_sample_weights=grad_scores, mode="sum")
-        # Row i of the table gradient sums grad * hidden over the pairs that drew item i: one bag of hidden rows
-        # per item once the pairs are sorted by item. On a million items the whole backward took 0.26 s, against
-        # 0.56 s and the zeroing of a 512 MB table for adding each chunk's (rows, k, E) contributions into it.
-        items, order = negatives.flatten().sort()
-        counts = torch.bincount(items, minlength=len(table))
-        bag_starts = counts.cumsum(0) - counts
-        if ctx.sparse:
-            rows = counts.nonzero().squeeze(1)
-            bag_starts = bag_starts[rows]
-        grad_rows = F.embedding_bag(order // negatives.shape[1], hidden, bag_starts,
-                                    per_sample_weights=grad_scores.flatten()[order], mode="sum")
-        grad_table = sparse_rows(table.shape, rows, grad_rows) if ctx.sparse else grad_rows
-        return grad_hidden, grad_table, None, None
+        gradient = ItemBags(negatives, negatives.shape[1], hidden, grad_scores, len(table))
+        grad_table = None
+        if ctx.table_step is not None:
+            ctx.table_step(gradient)
+        else:
+            grad_table = gradient.sparse(table.shape) if ctx.sparse else gradient.rows(0, len(table))
+        return grad_hidden, grad_table, None, None, None
 
 
 class GroupScores(NamedTuple):
@@ -209,9 +284,9 @@ def score_group(model: GSASRec, rows: torch.Tensor, item_vectors: torch.Tensor, 
 
 
 def training_loss(model: GSASRec, batch: torch.Tensor, config: GSASRecExperimentConfig, beta: float,
-                  generator: torch.Generator) -> torch.Tensor:
+                  generator: torch.Generator, table_steps: TableSteps = TableSteps()) -> torch.Tensor:
     """The config's loss over every non-padded position of a (batch, width) window: inputs batch[:, :-1], labels
-    batch[:, 1:].
+    batch[:, 1:]. table_steps: the item tables that backward steps (AdamWithSeparateTables.table_steps).
 
     On a CPU, rows go through score_group in groups of similar length: the same loss as one padded pass
     (sequences do not interact), with about 40% fewer positions on ML-1M. Positives and per-position negatives
@@ -232,7 +307,9 @@ def training_loss(model: GSASRec, batch: torch.Tensor, config: GSASRecExperiment
     grouped = batch[torch.cat(groups)]
     # The input vectors of every group in one lookup: one gradient of the item table, not one per group (on a
     # million items each group's is a dense 512 MB to fill and add; 12 groups were 2 s of a 4.7 s step).
-    item_vectors = model.item_embedding(grouped[:, :-1]).split(sizes)
+    ids = grouped[:, :-1]
+    item_vectors = (model.item_embedding(ids) if table_steps.input is None else
+                    ItemLookup.apply(model.item_embedding.weight, ids, table_steps.input)).split(sizes)
     scores = [score_group(model, rows, rows_vectors, negatives[group] if per_sequence else None, config)
               for group, rows, rows_vectors in zip(groups, grouped.split(sizes), item_vectors)]
     hidden = torch.cat([group.hidden for group in scores])
@@ -253,7 +330,8 @@ def training_loss(model: GSASRec, batch: torch.Tensor, config: GSASRecExperiment
             # Few negatives for the catalogue (SASRec's k = 1, or k = 256 of 10^5 items and more): each target's own
             # rows gathered, its positive in column 0, so the table gets one gradient instead of two to add up
             # (on a million items each is 512 MB when dense).
-            scored = GatheredScores.apply(hidden, table, torch.cat([labels.unsqueeze(1), negatives], 1), sparse)
+            scored = GatheredScores.apply(hidden, table, torch.cat([labels.unsqueeze(1), negatives], 1), sparse,
+                                          table_steps.output)
             positive, negative = scored[:, 0], scored[:, 1:]
         else:
             # Many for the catalogue: scoring all of it and gathering is far cheaper than (n, k, E).
@@ -266,22 +344,17 @@ def training_loss(model: GSASRec, batch: torch.Tensor, config: GSASRecExperiment
 
 class AdamWithSeparateTables(torch.optim.Optimizer):
     """Adam with optimizers of their own for the item tables: torch.optim.SparseAdam's lazy update
-    (sparse_item_updates), or else Adam per table, which with in_backward steps inside backward the moment the
-    table's gradient is complete. The output table's gradient is freed there, so the two tables' gradients never
-    exist together (on a million items each is 512 MB). The input table's, the last of a backward (tables[0]), is
-    kept until zero_grad: zeroed just before the next backward, its memory is still warm when the next output
-    gradient takes it. The updates are Adam's either way; one optimizer for the learning-rate schedule and the
-    training state."""
+    (sparse_item_updates), or else Adam per table, which with in_backward and separate tables backward steps itself
+    (table_steps): neither table's gradient then exists whole. The updates are Adam's either way; one optimizer for
+    the learning-rate schedule and the training state."""
 
     def __init__(self, dense: list[nn.Parameter], tables: list[nn.Parameter], lr: float, fused: bool, lazy: bool,
                  in_backward: bool):
         table_parts = ([torch.optim.SparseAdam(tables, lr=lr)] if lazy else
                        [torch.optim.Adam([table], lr=lr, fused=fused) for table in tables])
         self.parts = (torch.optim.Adam(dense, lr=lr, fused=fused), *table_parts)
-        self.in_backward = in_backward and not lazy
-        if self.in_backward:
-            for index, (table, part) in enumerate(zip(tables, table_parts)):
-                table.register_post_accumulate_grad_hook(partial(step_table, part, free=index > 0))
+        self.table_steps = TableSteps(*(TableStep(part, table) for part, table in zip(table_parts, tables))
+                                      ) if in_backward and not lazy and len(tables) == 2 else TableSteps()
         super().__init__(self.part_groups(), {"lr": lr, "fused": fused})
 
     def part_groups(self) -> list[dict]:
@@ -289,7 +362,7 @@ class AdamWithSeparateTables(torch.optim.Optimizer):
         return [group for part in self.parts for group in part.param_groups]
 
     def step(self, closure=None) -> None:
-        for part in self.parts[:1] if self.in_backward else self.parts:
+        for part in self.parts:
             part.step()
 
     def state_dict(self) -> dict:
@@ -302,12 +375,6 @@ class AdamWithSeparateTables(torch.optim.Optimizer):
         for part, part_state in zip(self.parts, state_dict["parts"]):
             part.load_state_dict(part_state)
         self.param_groups = self.part_groups()  # loading replaced the parts' group dicts
-
-
-def step_table(optimizer: torch.optim.Optimizer, table: nn.Parameter, free: bool) -> None:
-    optimizer.step()
-    if free:
-        table.grad = None
 
 
 def build_optimizer(model: GSASRec, config: GSASRecExperimentConfig, in_backward: bool = True
@@ -375,12 +442,12 @@ class InteractionWeightedSampler:
 class TrainingObjective(nn.Module):
     """The loss of one batch as a module, so DistributedDataParallel can wrap the whole step."""
 
-    def __init__(self, model: GSASRec, config: GSASRecExperimentConfig, beta: float):
+    def __init__(self, model: GSASRec, config: GSASRecExperimentConfig, beta: float, table_steps: TableSteps):
         super().__init__()
-        self.model, self.config, self.beta = model, config, beta
+        self.model, self.config, self.beta, self.table_steps = model, config, beta, table_steps
 
     def forward(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return training_loss(self.model, batch, self.config, self.beta, generator)
+        return training_loss(self.model, batch, self.config, self.beta, generator, self.table_steps)
 
 
 class StopRequest:
@@ -460,7 +527,7 @@ class Trainer:
             self.model, multi_avg_fn=get_ema_multi_avg_fn(config.weight_averaging_decay))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(learning_rate_factor, config))
         objective = TrainingObjective(self.model, config, gbce_beta(config.negs_per_pos, dataset.num_items,
-                                                                    config.gbce_t))
+                                                                    config.gbce_t), self.optimizer.table_steps)
         self.objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda"
                                                  else None) if world_size > 1 else objective
         self.trainable_rows = np.flatnonzero(dataset.train.lengths >= 2)
@@ -593,8 +660,6 @@ class Trainer:
     def train_step(self, rows: np.ndarray) -> float:
         batch = training_batch(self.dataset, rows, self.config, self.generator).to(self.device)
         loss = self.objective(batch, self.generator)
-        # Just before backward, not after the last step: the input table's gradient is kept until here (on a
-        # million items its 512 MB, freed a moment earlier, are reused at once by the output table's gradient).
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -611,7 +676,7 @@ class Trainer:
     def end_epoch(self) -> None:
         """Rank 0 validates, keeps the best checkpoint and logs; then every rank takes rank 0's state."""
         progress, config = self.progress, self.config
-        self.optimizer.zero_grad(set_to_none=True)  # the kept input-table gradient is not needed until the next step
+        self.optimizer.zero_grad(set_to_none=True)  # gradients are kept until the next step's: validation needs none
         if self.rank == 0:
             validation = self.evaluate(self.dataset.val_input, self.dataset.val_target)
             self.tick()

@@ -49,7 +49,7 @@ def main() -> None:
                                       generator=generator, device=device)
             loss = paper_way_loss(model, batch, negatives, beta)
         else:
-            loss = training_loss(model, batch, config, beta, generator)
+            loss = training_loss(model, batch, config, beta, generator, optimizer.table_steps)
         optimizer.zero_grad(set_to_none=True)  # where Trainer.train_step does it
         loss.backward()
         optimizer.step()

@@ -257,11 +257,15 @@ def test_the_learning_rate_continues_exactly_across_interruptions(synthetic_data
         assert torch.equal(value, b["model_state"][name]), name
 
 
-@pytest.mark.parametrize("in_backward", [True, False])
-def test_the_item_tables_take_adams_updates_and_in_backward_one_gradient_at_a_time(synthetic_datasets_dir,
-                                                                                   in_backward):
-    """The tables' own Adam, stepped in backward or after it, moves every parameter exactly as one Adam over the
-    model does; in backward, the output table's gradient is gone before the input table's is complete."""
+@pytest.mark.parametrize("in_backward, block_rows, gathered", [(True, 7, True), (True, 8192, True), (True, 7, False),
+                                                               (False, 8192, True)])
+def test_the_item_tables_take_adams_updates_and_in_backward_no_gradient(synthetic_datasets_dir, monkeypatch,
+                                                                       in_backward, block_rows, gathered):
+    """The tables' own Adam, stepped in backward block by block of rows or after it, moves every parameter exactly
+    as one Adam over the model does. In backward, the input table never holds a gradient, nor does the output table
+    where its negatives are gathered; scored over the catalogue, its gradient is made whole and stepped after."""
+    monkeypatch.setattr(train_gsasrec, "TABLE_STEP_BLOCK_ROWS", block_rows)
+    monkeypatch.setattr(train_gsasrec, "SMALL_K_FRACTION", 1.0 if gathered else 0.0)
     dataset = load_dataset(dataset_directory("successor"))
     config = small_config(negative_sampling="per_position")
     models = []
@@ -270,21 +274,20 @@ def test_the_item_tables_take_adams_updates_and_in_backward_one_gradient_at_a_ti
         models.append(build_model(config, dataset.num_items))
     optimizers = (torch.optim.Adam(models[0].parameters(), lr=config.learning_rate, fused=True),
                   train_gsasrec.build_optimizer(models[1], config, in_backward=in_backward))
-    output_gradient_gone, input_gradient_kept = [], []
-    models[1].item_embedding.weight.register_post_accumulate_grad_hook(
-        lambda table: output_gradient_gone.append(models[1].output_embedding.weight.grad is None))
+    tables = (models[1].item_embedding.weight, models[1].output_embedding.weight)
+    table_gradients = []
     for step in range(3):
         batch = train_gsasrec.training_batch(dataset, np.arange(4 * step, 4 * step + 4), config, torch.Generator())
         for model, optimizer in zip(models, optimizers):
-            torch.manual_seed(step)  # the same dropout masks for both
-            train_gsasrec.training_loss(model, batch, config, 0.5, torch.Generator().manual_seed(step)).backward()
-            optimizer.step()
-            if model is models[1]:
-                input_gradient_kept.append(model.item_embedding.weight.grad is not None)
             optimizer.zero_grad(set_to_none=True)
-    assert output_gradient_gone == [in_backward] * 3
-    # The input table's gradient, the last of backward, is kept until zero_grad (its memory for the next step's).
-    assert input_gradient_kept == [True] * 3
+            torch.manual_seed(step)  # the same dropout masks for both
+            steps = optimizer.table_steps if model is models[1] else train_gsasrec.TableSteps()
+            train_gsasrec.training_loss(model, batch, config, 0.5, torch.Generator().manual_seed(step), steps
+                                        ).backward()
+            if model is models[1]:
+                table_gradients.append([table.grad is not None for table in tables])
+            optimizer.step()
+    assert table_gradients == [[not in_backward, not (in_backward and gathered)]] * 3
     for name, value in models[0].state_dict().items():
         assert torch.equal(value, models[1].state_dict()[name]), name
 
@@ -317,12 +320,9 @@ def test_sparse_item_updates_are_adam_on_the_touched_rows_and_leave_the_others(s
             train_gsasrec.training_loss(model, batch, small_config(), beta, torch.Generator().manual_seed(step)
                                         ).backward()
             table = model.output_item_embeddings
-            # Adam steps the dense tables in backward and frees the output table's gradient there.
-            if model.item_embedding.sparse:
-                assert table.grad.is_sparse
+            assert table.grad.is_sparse == model.item_embedding.sparse
+            if table.grad.is_sparse:
                 touched.append(set(table.grad.coalesce().indices()[0].tolist()))
-            else:
-                assert (table.grad is None) != reuse_item_embeddings
             optimizer.step()
         dense, lazy = (model.output_item_embeddings.detach() for model in models)
         if step == 0:
