@@ -134,8 +134,10 @@ class CatalogueLogSumExp(torch.autograd.Function):
 
 
 # Target rows per chunk when gathering each target's own negatives: a chunk's (rows, k, E) embeddings hold at most
-# this many numbers (on a catalogue of a million items, 15,000 targets x 256 negatives x 128 would be 2 GB at once).
-GATHERED_NUMBERS_PER_CHUNK = 2 ** 22
+# this many numbers (4 MB), which stay in cache for their product with the hidden rows. On a million items, with
+# the product as multiply and sum, the gathered forward took 0.31-0.34 s a step against 0.56-0.77 s for 16 MB
+# chunks and bmm.
+GATHERED_NUMBERS_PER_CHUNK = 2 ** 20
 
 
 class ItemBags:
@@ -146,7 +148,8 @@ class ItemBags:
 
     def __init__(self, items: torch.Tensor, pairs_per_source: int, source_rows: torch.Tensor,
                  weights: torch.Tensor | None, num_rows: int):
-        items, order = items.flatten().sort(stable=True)
+        # int32 keys: sorted in about half the time of int64's (3.6 million pairs: 0.05 against 0.09 s)
+        items, order = items.flatten().to(torch.int32).sort(stable=True)
         self.counts = torch.bincount(items, minlength=num_rows)
         self.bounds = F.pad(self.counts.cumsum(0), (1, 0))  # row i's pairs: bounds[i] to bounds[i + 1]
         self.weights = None if weights is None else weights.flatten()[order]
@@ -239,7 +242,7 @@ class GatheredScores(torch.autograd.Function):
         # as fast on ML-1M's.
         gathered = (F.embedding_bag(chunk_negatives.reshape(-1, 1), table, mode="sum").view(*chunk_negatives.shape, -1)
                     for chunk_negatives in negatives.split(chunk))
-        return torch.cat([torch.bmm(rows, chunk_hidden.unsqueeze(-1)).squeeze(-1)
+        return torch.cat([(rows * chunk_hidden.unsqueeze(1)).sum(-1)
                           for rows, chunk_hidden in zip(gathered, hidden.split(chunk))])
 
     @staticmethod
