@@ -77,8 +77,7 @@ class BitFieldDropout(nn.Module):
         else:
             # One row per field: long rows keep the comparison vectorised.
             keep = ((words.view(torch.uint8) & self.field_masks) >= self.field_thresholds).view(-1)[:count]
-        # where() keeps the 1-byte mask for backward, not a float one: config_ml1m.py saves 238 MB a step, not 279.
-        return torch.where(keep.view(x.shape), x * self.scale, 0.0)
+        return x * keep.view(x.shape).to(x.dtype).mul_(self.scale)
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
