@@ -50,9 +50,9 @@ def main() -> None:
             loss = paper_way_loss(model, batch, negatives, beta)
         else:
             loss = training_loss(model, batch, config, beta, generator, optimizer.table_steps)
-        optimizer.zero_grad(set_to_none=True)  # where Trainer.train_step does it
         loss.backward()
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if step >= args.warmup:
