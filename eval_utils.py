@@ -24,8 +24,9 @@ def recommend_batched(model: GSASRec, inputs: Sequences, limit: int, filter_rate
     softmax-trained model predicts.
 
     Sequences are batched by length and each batch is cut to its longest input, so no work is spent on
-    columns of pure padding; with filter_rated every item of the whole input history is excluded. The catalogue
-    is scored afterwards in batches of at most batch_size users and CATALOGUE_SCORES_PER_BATCH scores."""
+    columns of pure padding; with filter_rated every item of the whole input history is excluded. The first block's
+    keys and values come from tables made once per call (GSASRec.first_block_tables). The catalogue is scored
+    afterwards in batches of at most batch_size users and CATALOGUE_SCORES_PER_BATCH scores."""
     device = next(model.parameters()).device
     limit = min(limit, model.num_items)  # lists longer than a small catalogue would rank non-items
     was_training = model.training
@@ -33,10 +34,15 @@ def recommend_batched(model: GSASRec, inputs: Sequences, limit: int, filter_rate
     lengths = inputs.lengths
     last_hidden = torch.empty(len(inputs), model.embedding_dim, device=device)
     on_cpu = device.type == "cpu"
-    for rows in length_groups(np.minimum(lengths, model.sequence_length), max_rows=batch_size,
+    window_lengths = np.minimum(lengths, model.sequence_length)
+    # The tables cost a product per catalogue row and save one per position: worth it for catalogues smaller than
+    # the positions to run (ML-1M: 3,418 rows against 656,377 test positions).
+    first_block_tables = model.first_block_tables() if model.num_items + 2 < window_lengths.sum() else None
+    for rows in length_groups(window_lengths, max_rows=batch_size,
                               max_positions=CPU_TOKENS_PER_BATCH if on_cpu else None):
         window = inputs.windows(rows, min(max(int(lengths[rows].max()), 1), model.sequence_length), model.padding_id)
-        hidden = model(torch.from_numpy(window).to(device), last_position_only=True)
+        hidden = model(torch.from_numpy(window).to(device), last_position_only=True,
+                       first_block_tables=first_block_tables)
         last_hidden[torch.from_numpy(rows).to(device)] = hidden[:, -1]
     items = np.empty((len(inputs), limit), dtype=np.int64)
     scores = np.empty((len(inputs), limit), dtype=np.float32)

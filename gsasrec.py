@@ -33,6 +33,13 @@ def has_native_bf16(device: torch.device) -> bool:
     return False
 
 
+class FirstBlockTables(NamedTuple):
+    """Evaluation's lookups for a first SASRec block: per item and per position, the input embedding and that
+    block's key and value terms side by side, (..., 3E)."""
+    items: torch.Tensor
+    positions: torch.Tensor
+
+
 class ScreeningTable(NamedTuple):
     """The output table in bf16 and the largest norm of its float32 rows, made once for many batches."""
     table: torch.Tensor
@@ -140,15 +147,17 @@ class SelfAttentionBlock(CausalAttention):
             nn.Linear(embedding_dim, embedding_dim), BitFieldDropout(dropout_rate))
 
     def forward(self, seq: torch.Tensor, attention_bias: torch.Tensor | None, is_item: torch.Tensor,
-                last_position_only: bool = False) -> torch.Tensor:
+                last_position_only: bool = False, key_value: torch.Tensor | None = None) -> torch.Tensor:
         """attention_bias: (batch, 1, L, L), 0 where a query may attend to a key and -inf elsewhere; None for
         plain causal attention (no padding), which lets a fused kernel skip the masked half. With
-        last_position_only, only the last position's output is computed (keys still span the sequence)."""
+        last_position_only, only the last position's output is computed (keys still span the sequence).
+        key_value: (batch, L, 2E), this block's keys and values of seq where the caller has them already."""
         if last_position_only and not self.drops_attention:
             return self.last_position_output(seq, attention_bias, is_item)
         normed = self.attention_norm(seq[:, -1:] if last_position_only else seq)
         query = self.split_heads(self.query(normed))
-        key, value = self.split_heads(self.key(seq)), self.split_heads(self.value(seq))
+        key, value = key_value.chunk(2, dim=-1) if key_value is not None else (self.key(seq), self.value(seq))
+        key, value = self.split_heads(key), self.split_heads(value)
         if last_position_only and attention_bias is not None:
             attention_bias = attention_bias[:, :, -1:]
         # The last position may attend to every key: with no mask there is nothing to hide from it.
@@ -280,20 +289,30 @@ class GSASRec(nn.Module):
         return table.weight
 
     def forward(self, input: torch.Tensor, last_position_only: bool = False,
-                item_vectors: torch.Tensor | None = None) -> torch.Tensor:
+                item_vectors: torch.Tensor | None = None, first_block_tables: FirstBlockTables | None = None
+                ) -> torch.Tensor:
         """(batch, length) left-padded item ids -> (batch, length, E) hidden states ((batch, 1, E) with
         last_position_only, which skips the last block's work on every other position).
 
         A length shorter than sequence_length is read as the rightmost part of a full window, so cutting
         away columns of pure padding changes nothing. item_vectors: input's rows of the item table when the
-        caller has looked them up already (training does it once for all its length groups)."""
+        caller has looked them up already (training does it once for all its length groups).
+        first_block_tables (self.first_block_tables(), eval mode only) give the same outputs with less work."""
         length = input.shape[1]
         if length > self.sequence_length:
             raise ValueError(f"input length {length} exceeds sequence_length {self.sequence_length}")
         is_item = (input != self.padding_id).unsqueeze(-1)
         positions = torch.arange(self.sequence_length - length, self.sequence_length, device=input.device)
-        seq = (self.item_embedding(input) if item_vectors is None else item_vectors) + self.position_embedding(
-            positions)
+        key_value = None
+        if first_block_tables is not None:
+            if self.training:
+                raise ValueError("first_block_tables hold only without dropout: call model.eval() first")
+            # At padding the keys and values differ from the layers' outputs; no real position attends there.
+            looked_up = F.embedding(input, first_block_tables.items).add_(first_block_tables.positions[positions])
+            seq, key_value = looked_up.split([self.embedding_dim, 2 * self.embedding_dim], dim=-1)
+        else:
+            seq = (self.item_embedding(input) if item_vectors is None else item_vectors) + self.position_embedding(
+                positions)
         seq = self.embedding_dropout(seq) * is_item
         attention_bias = None
         # Padding, and the explicit attention that dropout needs (SelfAttentionBlock.drops_attention), need the mask
@@ -304,8 +323,27 @@ class GSASRec(nn.Module):
             allowed = causal & (is_item.transpose(1, 2) | torch.eye(length, dtype=torch.bool, device=input.device))
             attention_bias = additive_mask(allowed, seq.dtype).unsqueeze(1)
         for index, block in enumerate(self.blocks):
-            seq = block(seq, attention_bias, is_item, last_position_only and index == len(self.blocks) - 1)
+            last = last_position_only and index == len(self.blocks) - 1
+            if index == 0 and key_value is not None:
+                seq = block(seq, attention_bias, is_item, last, key_value)
+            else:
+                seq = block(seq, attention_bias, is_item, last)
         return self.final_norm(seq)
+
+    @torch.no_grad()
+    def first_block_tables(self) -> FirstBlockTables | None:
+        """Without dropout a first SASRec block's keys are W_k (e_item + e_position) + b_k = (W_k e_item) +
+        (W_k e_position + b_k), and so are its values: with these tables, two of its five matrix products per
+        position become part of the embedding lookup. None where there is nothing to save (a LiGR block, whose
+        keys follow a LayerNorm, or a single block, whose keys last_position_output folds away). The tables
+        hold for the current weights: an evaluation makes them once for all its forward passes."""
+        block = self.blocks[0]
+        if not isinstance(block, SelfAttentionBlock) or len(self.blocks) == 1:
+            return None
+        weight, bias = torch.cat([block.key.weight, block.value.weight]), torch.cat([block.key.bias, block.value.bias])
+        items, positions = self.item_embedding.weight, self.position_embedding.weight
+        return FirstBlockTables(torch.cat([items, F.linear(items, weight)], dim=1),
+                                torch.cat([positions, F.linear(positions, weight, bias)], dim=1))
 
     @torch.no_grad()
     def get_predictions(self, input: torch.Tensor, limit: int, rated: torch.Tensor | None = None

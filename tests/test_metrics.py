@@ -75,6 +75,20 @@ def test_evaluation_screens_large_catalogues_with_one_bf16_table(monkeypatch):
     np.testing.assert_allclose(scores, expected_scores, rtol=1e-5)
 
 
+@pytest.mark.parametrize("num_items, tables_used", [(30, True), (3000, False)])
+def test_evaluation_looks_up_first_block_tables_for_catalogues_smaller_than_its_positions(num_items, tables_used,
+                                                                                          monkeypatch):
+    """60 histories of under 15 items: fewer positions than 3,000 items, more than 30."""
+    model, inputs = random_model_and_histories(num_items, 8, num_heads=1, num_users=60, max_length=15, seed=4)
+    passed = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda input, **kwargs: passed.append(kwargs["first_block_tables"]) or
+                        forward(input, **kwargs))
+    recommend_batched(model, inputs, limit=5, batch_size=7)
+    assert len(passed) > 1 and all((tables is not None) == tables_used for tables in passed)
+    assert len({id(tables) for tables in passed}) == 1  # made once for all batches
+
+
 def test_direct_metrics_equal_ir_measures():
     rng = np.random.RandomState(3)
     recommended = np.array([rng.permutation(30)[:10] + 1 for _ in range(500)])

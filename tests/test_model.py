@@ -156,6 +156,32 @@ def test_last_position_only_equals_the_full_forward(num_heads):
         torch.testing.assert_close(model(batch, last_position_only=True), model(batch)[:, -1:], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("num_heads", [1, 2])
+def test_first_block_tables_give_the_same_outputs(num_heads):
+    """The first block's keys and values looked up from per-item and per-position tables change no output, with
+    padding and without, for every position and for the last; they refuse a model that trains (dropout)."""
+    model = small_model(num_heads=num_heads)
+    with torch.no_grad():
+        for layer in (model.blocks[0].key, model.blocks[0].value):
+            layer.bias.normal_()
+    tables = model.first_block_tables()
+    input = torch.randint(1, NUM_ITEMS + 1, (12, LENGTH))
+    unpadded = input.clone()
+    for row in range(12):
+        input[row, :row % LENGTH] = PAD
+    for batch in (input, unpadded, unpadded[:, 3:]):
+        torch.testing.assert_close(model(batch, first_block_tables=tables), model(batch), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(batch, last_position_only=True, first_block_tables=tables),
+                                   model(batch, last_position_only=True), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="eval"):
+        model.train()(input, first_block_tables=tables)
+
+
+def test_first_block_tables_exist_only_where_they_save_work():
+    assert small_model(block="ligr").first_block_tables() is None
+    assert small_model(num_blocks=1).first_block_tables() is None
+
+
 def test_unpadded_inputs_take_the_causal_kernel_with_the_same_outputs():
     """Without padding, attention runs as plain causal attention; one column of padding forces the explicit mask."""
     model = small_model()
