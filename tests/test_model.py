@@ -182,6 +182,28 @@ def test_first_block_tables_exist_only_where_they_save_work():
     assert small_model(num_blocks=1).first_block_tables() is None
 
 
+@pytest.mark.parametrize("block", ["sasrec", "ligr"])
+def test_cpu_evaluation_attends_in_query_chunks_with_the_same_outputs(block, monkeypatch):
+    """Chunks of 3 queries over the keys up to each chunk's end give the one-call outputs, with padding and
+    without; training attends in one call."""
+    model = small_model(block=block)
+    input = torch.randint(1, NUM_ITEMS + 1, (12, LENGTH))
+    unpadded = input.clone()
+    for row in range(12):
+        input[row, :row % LENGTH] = PAD
+    expected = [model(batch) for batch in (input, unpadded)]
+    chunk_calls = []
+    chunked = gsasrec.CausalAttention.chunked_causal_attention
+    monkeypatch.setattr(gsasrec.CausalAttention, "chunked_causal_attention",
+                        lambda self, *args: chunk_calls.append(1) or chunked(self, *args))
+    monkeypatch.setattr(gsasrec, "CPU_QUERY_CHUNK", 3)
+    for batch, reference in zip((input, unpadded), expected):
+        torch.testing.assert_close(model(batch), reference, rtol=1e-5, atol=1e-5)
+    assert len(chunk_calls) == 2 * len(model.blocks)
+    model.train()(unpadded)
+    assert len(chunk_calls) == 2 * len(model.blocks)
+
+
 def test_unpadded_inputs_take_the_causal_kernel_with_the_same_outputs():
     """Without padding, attention runs as plain causal attention; one column of padding forces the explicit mask."""
     model = small_model()
