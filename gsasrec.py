@@ -118,9 +118,9 @@ class CausalAttention(nn.Module):
 
     def attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_bias: torch.Tensor | None, causal: bool) -> torch.Tensor:
-        """softmax(Q K^T / sqrt(d) + bias) V per head. PyTorch's fused kernel where the weights get no dropout;
-        with dropout, the same product written out, so the weights go through BitFieldDropout (a test holds the
-        two equal)."""
+        """softmax(Q K^T / sqrt(d) + bias) V per head. PyTorch's fused kernel where the weights get no dropout (in
+        query chunks in CPU evaluation); with dropout, the same product written out, so the weights go through
+        BitFieldDropout (a test holds the two equal)."""
         length = query.shape[2]
         if causal and not self.training and query.device.type == "cpu" and length > CPU_QUERY_CHUNK:
             return self.chunked_causal_attention(query, key, value, attention_bias)
@@ -135,12 +135,11 @@ class CausalAttention(nn.Module):
         weights = self.attention_dropout(logits.softmax(-1))
         return (weights @ value.reshape(-1, key.shape[2], head_dim)).view(batch, heads, length, head_dim)
 
-
     def chunked_causal_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                  attention_bias: torch.Tensor | None) -> torch.Tensor:
         """Causal attention in chunks of CPU_QUERY_CHUNK queries, each over the keys up to its end. PyTorch's CPU
         kernel reads every key of the call whatever the mask, so chunks skip most of the keys a causal mask hides
-        (on ML-1M's evaluation, 18% less time in attention)."""
+        (ML-1M's test evaluation: attention 474-571 ms against 607-657 ms in one call)."""
         length = query.shape[2]
         if attention_bias is None:
             attention_bias = additive_mask(torch.ones(length, length, dtype=torch.bool, device=query.device).tril(),
