@@ -170,7 +170,7 @@ class SelfAttentionBlock(CausalAttention):
     def forward(self, seq: torch.Tensor, attention_bias: torch.Tensor | None, is_item: torch.Tensor,
                 last_position_only: bool = False, key_value: torch.Tensor | None = None) -> torch.Tensor:
         """attention_bias: (batch, 1, L, L), 0 where a query may attend to a key and -inf elsewhere; None for
-        plain causal attention (no padding), which lets a fused kernel skip the masked half. With
+        plain causal attention (no padding), which needs no mask tensor. With
         last_position_only, only the last position's output is computed (keys still span the sequence).
         key_value: (batch, L, 2E), this block's keys and values of seq where the caller has them already."""
         if last_position_only and not self.drops_attention:
