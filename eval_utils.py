@@ -40,7 +40,7 @@ def recommend_batched(model: GSASRec, inputs: Sequences, limit: int, filter_rate
     first_block_tables = model.first_block_tables() if model.num_items + 2 < window_lengths.sum() else None
     for rows in length_groups(window_lengths, max_rows=batch_size,
                               max_positions=CPU_TOKENS_PER_BATCH if on_cpu else None):
-        window = inputs.windows(rows, min(max(int(lengths[rows].max()), 1), model.sequence_length), model.padding_id)
+        window = inputs.windows(rows, max(int(window_lengths[rows].max()), 1), model.padding_id)
         hidden = model(torch.from_numpy(window).to(device), last_position_only=True,
                        first_block_tables=first_block_tables)
         last_hidden[torch.from_numpy(rows).to(device)] = hidden[:, -1]

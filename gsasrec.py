@@ -121,8 +121,7 @@ class CausalAttention(nn.Module):
         """softmax(Q K^T / sqrt(d) + bias) V per head. PyTorch's fused kernel where the weights get no dropout (in
         query chunks in CPU evaluation); with dropout, the same product written out, so the weights go through
         BitFieldDropout (a test holds the two equal)."""
-        length = query.shape[2]
-        if causal and not self.training and query.device.type == "cpu" and length > CPU_QUERY_CHUNK:
+        if causal and not self.training and query.device.type == "cpu" and query.shape[2] > CPU_QUERY_CHUNK:
             return self.chunked_causal_attention(query, key, value, attention_bias)
         if not self.drops_attention:
             return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_bias,
@@ -144,12 +143,12 @@ class CausalAttention(nn.Module):
         if attention_bias is None:
             attention_bias = additive_mask(torch.ones(length, length, dtype=torch.bool, device=query.device).tril(),
                                            query.dtype)
-        return torch.cat([F.scaled_dot_product_attention(query[:, :, start:start + CPU_QUERY_CHUNK],
-                                                         key[:, :, :start + CPU_QUERY_CHUNK],
-                                                         value[:, :, :start + CPU_QUERY_CHUNK],
-                                                         attn_mask=attention_bias[..., start:start + CPU_QUERY_CHUNK,
-                                                                                  :start + CPU_QUERY_CHUNK])
-                          for start in range(0, length, CPU_QUERY_CHUNK)], dim=2)
+        chunks = []
+        for start in range(0, length, CPU_QUERY_CHUNK):
+            end = start + CPU_QUERY_CHUNK
+            chunks.append(F.scaled_dot_product_attention(query[:, :, start:end], key[:, :, :end], value[:, :, :end],
+                                                         attn_mask=attention_bias[..., start:end, :end]))
+        return torch.cat(chunks, dim=2)
 
 
 class SelfAttentionBlock(CausalAttention):
