@@ -1,4 +1,5 @@
-"""Experiment configuration: one dataclass whose defaults are the official gSASRec port's."""
+"""Experiment configuration: one dataclass whose defaults are the official gSASRec port's, plus this repository's
+additions (which default to the official behaviour). Imports nothing of the project."""
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -13,6 +14,7 @@ TRAINING_WINDOWS = ("latest", "random")
 USER_SAMPLING_MODES = ("uniform", "per_interaction")
 LOSSES = ("gbce", "softmax", "sampled_softmax")
 BLOCKS = ("sasrec", "ligr")
+ENGINES = ("fast", "reference")
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ class GSASRecExperimentConfig:
     ligr_feed_forward_multiplier: int = 4
     # "per_position": a fresh uniform draw of k negatives for every position, as the paper samples them.
     # "per_sequence": one draw of k negatives shared by all positions of a sequence (much faster).
-    negative_sampling: str = "per_sequence"
+    negative_sampling: str = "per_position"
     # Which sequence_length + 1 items of a longer training sequence a batch shows: "latest" (the official port's),
     # or "random", a window ending at a uniformly drawn position, so the older items of long histories are learnt too.
     training_window: str = "latest"
@@ -69,7 +71,7 @@ class GSASRecExperimentConfig:
     # Start every item's score at log(1 / num_items), the chance of a random item being the next one
     # (GSASRec.start_scores_at): learning then starts at once instead of after a long popularity plateau.
     prior_score_init: bool = False
-    # bf16 autocast for the forward pass where the hardware has native bf16 (gsasrec.has_native_bf16); elsewhere,
+    # bf16 autocast for the forward pass where the hardware has native bf16 (eval_utils.has_native_bf16); elsewhere,
     # where it would be emulated and many times slower, training stays in float32.
     bf16: bool = False
     # Per-position negatives with many k score the whole catalogue: do that product in bf16 where the hardware
@@ -85,6 +87,9 @@ class GSASRecExperimentConfig:
     # Keep the best checkpoint on validation only from this step on (earlier epochs are validated and logged): with a
     # schedule whose late models are its best, 512 validation users cannot tell apart the late gains (docs/training.md).
     selection_start_step: int = 0
+    # How training computes the loss and its gradients: "fast" (fast_training.py) or "reference" (plain PyTorch in
+    # train_gsasrec.reference_loss with plain Adam; bf16 and bf16_scores unused). Both give the same loss.
+    engine: str = "fast"
     # Budgets: stop after this many optimiser steps / seconds of training (None: no limit).
     max_steps: int | None = None
     max_training_time: float | None = None
@@ -108,11 +113,13 @@ class GSASRecExperimentConfig:
             (self.early_stopping_patience >= 1, "early_stopping_patience must be >= 1"),
             (self.recommendation_limit >= 1, "recommendation_limit must be >= 1"),
             (self.val_metric in self.metrics, f"val_metric {self.val_metric!r} must be one of metrics {self.metrics}"),
-            *self.metric_checks(),
             (self.loss in LOSSES, f"loss must be one of {LOSSES}, got {self.loss!r}"),
             (not self.logq_correction or self.loss == "sampled_softmax",
              "logq_correction applies to loss='sampled_softmax' only"),
             (self.block in BLOCKS, f"block must be one of {BLOCKS}, got {self.block!r}"),
+            (self.engine in ENGINES, f"engine must be one of {ENGINES}, got {self.engine!r}"),
+            (not (self.engine == "reference" and self.sparse_item_updates),
+             "sparse_item_updates is an optimizer of the fast engine; engine='reference' trains with plain Adam"),
             (self.ligr_feed_forward_multiplier >= 1, "ligr_feed_forward_multiplier must be >= 1"),
             (self.negative_sampling in NEGATIVE_SAMPLING_MODES,
              f"negative_sampling must be one of {NEGATIVE_SAMPLING_MODES}, got {self.negative_sampling!r}"),
@@ -145,11 +152,6 @@ class GSASRecExperimentConfig:
         """Whether the model's probability of an item is its softmax over the candidates (the softmax losses)
         rather than sigmoid(score) (gBCE)."""
         return self.loss != "gbce"
-
-    def metric_checks(self) -> list[tuple[bool, str]]:
-        """The metrics' problems (eval_utils.metric_problems), found here before any training."""
-        from eval_utils import metric_problems
-        return [(False, problem) for problem in metric_problems(self.metrics, self.recommendation_limit)]
 
     def check_types(self) -> None:
         """Each field holds a value of its annotated type (an int where a float is expected is fine), so a wrong

@@ -6,6 +6,7 @@ per-user Python objects and a batch of left-padded windows is a single fancy-ind
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -14,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch.utils.data.distributed import DistributedSampler
 
-from config import GSASRecError
+from config import GSASRecError, GSASRecExperimentConfig
 
 DATASETS_DIR = Path(__file__).resolve().parent / "datasets"
 DATASETS_DIR_ENV = "GSASREC_DATASETS_DIR"
@@ -301,3 +304,52 @@ def read_item_titles(directory: Path) -> dict[int, str]:
     if not {"item_id", "title"} <= set(table.columns):
         return {}
     return dict(zip(table["item_id"].astype(int), table["title"].astype(str)))
+
+
+def training_batch(dataset: DatasetSplit, rows: np.ndarray, config: GSASRecExperimentConfig,
+                   generator: torch.Generator) -> torch.Tensor:
+    """A window of up to sequence_length + 1 items of each chosen user, cut to the longest one in the batch: the
+    latest items, or (training_window="random") those before an end drawn uniformly from the ends that still
+    fill the window. Only the random windows draw from the generator."""
+    lengths = dataset.train.lengths[rows]
+    window = config.sequence_length + 1
+    if config.training_window == "random":
+        shortest = np.minimum(lengths, window)
+        draw = torch.rand(len(rows), generator=generator, device=generator.device).cpu().numpy()
+        lengths = shortest + np.floor(draw * (lengths - shortest + 1)).astype(np.int64)
+    width = min(int(lengths.max()), window)
+    return torch.from_numpy(dataset.train.windows(rows, width, dataset.padding_id, lengths).astype(np.int64))
+
+
+class InteractionWeightedSampler:
+    """user_sampling="per_interaction": an epoch draws as many users as there are, with replacement, each in
+    proportion to (length - 1) / (min(length, window) - 1), its training targets over those one window holds; with
+    random windows every interaction is then a target about equally often. Each rank takes its own share of one
+    draw, which depends only on the seed and the epoch (as DistributedSampler's shuffle), so a resumed run repeats
+    it."""
+
+    def __init__(self, lengths: np.ndarray, window: int, num_replicas: int, rank: int, seed: int):
+        self.weights = torch.from_numpy((lengths - 1) / (np.minimum(lengths, window) - 1))
+        self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, seed, 0
+        self.num_samples = math.ceil(len(lengths) / num_replicas)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        draw = torch.multinomial(self.weights, self.num_samples * self.num_replicas, replacement=True,
+                                 generator=generator)
+        return iter(draw[self.rank::self.num_replicas].tolist())
+
+
+def epoch_sampler(lengths: np.ndarray, config: GSASRecExperimentConfig, num_replicas: int, rank: int
+                  ) -> DistributedSampler | InteractionWeightedSampler:
+    """Which of the trainable sequences (their lengths) an epoch shows this rank, in order: each once, shuffled
+    (user_sampling="uniform"), or drawn in proportion to their targets (InteractionWeightedSampler)."""
+    if config.user_sampling == "per_interaction":
+        return InteractionWeightedSampler(lengths, config.sequence_length + 1, num_replicas, rank, config.seed)
+    return DistributedSampler(range(len(lengths)), num_replicas=num_replicas, rank=rank, shuffle=True, seed=config.seed)

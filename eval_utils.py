@@ -1,19 +1,180 @@
-"""Full-catalogue ranking on the model's device, and metrics with ir_measures."""
+"""Full-catalogue ranking on the model's device, and metrics with ir_measures.
+
+Ranking runs the network's evaluation shortcuts (last_hidden_states, screened_top_items): the same outputs as
+GSASRec.forward and GSASRec.top_items, which the tests hold them equal to, with less work.
+"""
+import functools
+from typing import NamedTuple
+
 import ir_measures
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 from config import GSASRecError
 from dataset_utils import Sequences, length_groups
-from gsasrec import GSASRec
+from gsasrec import GSASRec, SelfAttentionBlock, additive_mask
 
-
+# Tuning constants; the figures that chose them are in docs/performance.md.
 # On a CPU, activations of about this many positions fit the caches, which makes a forward pass markedly faster.
 CPU_TOKENS_PER_BATCH = 3200
-# Scores of the full catalogue held at once (256 MB in float32): ML-1M scores 512 users a batch, a catalogue of a
-# million items 67, so memory stays bounded whatever the catalogue.
+# Scores of the full catalogue held at once (256 MB in float32), so memory stays bounded whatever the catalogue.
 CATALOGUE_SCORES_PER_BATCH = 2 ** 26
+# Queries per call of the fused attention kernel in CPU evaluation (chunked_causal_attention).
+CPU_QUERY_CHUNK = 64
+# Catalogues of at least this many items are ranked in two passes on CPUs with native bf16 (screened_top_items).
+BF16_SCREEN_MIN_ITEMS = 100_000
+# Items per sequence that the bf16 pass hands to float32.
+SCREEN_CANDIDATES = 256
+
+
+@functools.cache
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matrix products run natively: CUDA GPUs that support bf16, CPUs with AVX512-BF16 or AMX.
+
+    Elsewhere (AVX2-only CPUs, most laptops) PyTorch emulates bf16, many times slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return any(getattr(torch.cpu, check, lambda: False)()
+                   for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return False
+
+
+class FirstBlockTables(NamedTuple):
+    """Evaluation's lookups for a first SASRec block: per item and per position, the input embedding and that
+    block's key and value terms side by side, (..., 3E)."""
+    items: torch.Tensor
+    positions: torch.Tensor
+
+
+@torch.no_grad()
+def first_block_tables(model: GSASRec) -> FirstBlockTables | None:
+    """Without dropout a first SASRec block's keys are W_k (e_item + e_position) + b_k = (W_k e_item) +
+    (W_k e_position + b_k), and so are its values: with these tables, two of its five matrix products per
+    position become part of the embedding lookup. None where there is nothing to save (LiGR blocks, or a single
+    block, whose keys the last position folds away). The tables hold for the current weights."""
+    if not uses_sasrec_blocks(model) or len(model.blocks) == 1:
+        return None
+    block = model.blocks[0]
+    weight, bias = torch.cat([block.key.weight, block.value.weight]), torch.cat([block.key.bias, block.value.bias])
+    items, positions = model.item_embedding.weight, model.position_embedding.weight
+    return FirstBlockTables(torch.cat([items, F.linear(items, weight)], dim=1),
+                            torch.cat([positions, F.linear(positions, weight, bias)], dim=1))
+
+
+def uses_sasrec_blocks(model: GSASRec) -> bool:
+    return all(isinstance(block, SelfAttentionBlock) for block in model.blocks)
+
+
+def chunked_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_bias: torch.Tensor | None) -> torch.Tensor:
+    """Causal attention; on a CPU in chunks of CPU_QUERY_CHUNK queries, each over the keys up to its end. PyTorch's
+    CPU kernel reads every key of a call whatever the mask, so chunks skip most of what a causal mask hides."""
+    length = query.shape[2]
+    if query.device.type != "cpu" or length <= CPU_QUERY_CHUNK:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_bias,
+                                              is_causal=attention_bias is None)
+    if attention_bias is None:
+        attention_bias = additive_mask(torch.ones(length, length, dtype=torch.bool, device=query.device).tril(),
+                                       query.dtype)
+    return torch.cat([F.scaled_dot_product_attention(query[:, :, start:start + CPU_QUERY_CHUNK],
+                                                     key[:, :, :start + CPU_QUERY_CHUNK],
+                                                     value[:, :, :start + CPU_QUERY_CHUNK],
+                                                     attn_mask=attention_bias[..., start:start + CPU_QUERY_CHUNK,
+                                                                              :start + CPU_QUERY_CHUNK])
+                      for start in range(0, length, CPU_QUERY_CHUNK)], dim=2)
+
+
+def sasrec_block_all_positions(block: SelfAttentionBlock, seq: torch.Tensor, attention_bias: torch.Tensor | None,
+                               is_item: torch.Tensor, key_value: torch.Tensor | None) -> torch.Tensor:
+    """SelfAttentionBlock.forward in evaluation: attention in query chunks, and this block's keys and values
+    (batch, L, 2E) taken from the caller where it has them (first_block_tables)."""
+    normed = block.attention_norm(seq)
+    key, value = key_value.chunk(2, dim=-1) if key_value is not None else (block.key(seq), block.value(seq))
+    attended = chunked_causal_attention(block.split_heads(block.query(normed)), block.split_heads(key),
+                                        block.split_heads(value), attention_bias)
+    return block.feed_forward_output(normed + block.merge_heads(attended)) * is_item
+
+
+def sasrec_block_last_position(block: SelfAttentionBlock, seq: torch.Tensor, attention_bias: torch.Tensor | None,
+                               is_item: torch.Tensor) -> torch.Tensor:
+    """SelfAttentionBlock.forward's last position without projecting every position's key and value (2 of 7
+    per-position products): per head q . (W_k x + b_k) = (W_k^T q) . x + q . b_k, whose last term is the same for
+    every key and cancels in the softmax, and sum_j p_j (W_v x_j + b_v) = W_v (sum_j p_j x_j) + b_v."""
+    normed = block.attention_norm(seq[:, -1:])
+    heads, head_dim = block.num_heads, seq.shape[-1] // block.num_heads
+    query = block.query(normed).view(len(seq), 1, heads, head_dim).transpose(1, 2)
+    folded_query = query @ block.key.weight.view(heads, head_dim, -1)
+    positions = seq.unsqueeze(1).expand(-1, heads, -1, -1)
+    last_bias = None if attention_bias is None else attention_bias[:, :, -1:]
+    context = F.scaled_dot_product_attention(folded_query, positions, positions, last_bias, scale=head_dim ** -0.5)
+    attended = block.merge_heads(context @ block.value.weight.view(heads, head_dim, -1).transpose(1, 2))
+    return block.feed_forward_output(normed + attended + block.value.bias) * is_item[:, -1:]
+
+
+@torch.no_grad()
+def last_hidden_states(model: GSASRec, input: torch.Tensor, tables: FirstBlockTables | None = None
+                       ) -> torch.Tensor:
+    """model(input, last_position_only=True)[:, -1] for a model in eval mode, (batch, E): for SASRec blocks with
+    the first block's keys and values looked up (tables), attention in query chunks and the last block folded;
+    LiGR blocks take the plain forward."""
+    if not uses_sasrec_blocks(model):
+        return model(input, last_position_only=True)[:, -1]
+    positions = torch.arange(model.sequence_length - input.shape[1], model.sequence_length, device=input.device)
+    is_item = (input != model.padding_id).unsqueeze(-1)
+    key_value = None
+    if tables is not None:
+        # At padding the keys and values differ from the layers' outputs; no real position attends there.
+        looked_up = F.embedding(input, tables.items).add_(tables.positions[positions])
+        seq, key_value = looked_up.split([model.embedding_dim, 2 * model.embedding_dim], dim=-1)
+    else:
+        seq = model.item_embedding(input) + model.position_embedding(positions)
+    seq = seq * is_item
+    attention_bias = model.attention_bias(is_item)
+    for index, block in enumerate(model.blocks[:-1]):
+        seq = sasrec_block_all_positions(block, seq, attention_bias, is_item, key_value if index == 0 else None)
+    return model.final_norm(sasrec_block_last_position(model.blocks[-1], seq, attention_bias, is_item))[:, -1]
+
+
+class ScreeningTable(NamedTuple):
+    """The output table in bf16 and the largest norm of its float32 rows, made once for many batches."""
+    table: torch.Tensor
+    largest_norm: torch.Tensor
+
+
+def screening_table(model: GSASRec) -> ScreeningTable | None:
+    """What screened_top_items needs where ranking takes two passes (BF16_SCREEN_MIN_ITEMS items or more, a CPU
+    with native bf16, whose products add in float32), else None."""
+    table = model.output_item_embeddings.detach()
+    if model.num_items >= BF16_SCREEN_MIN_ITEMS and table.device.type == "cpu" and has_native_bf16(table.device):
+        return ScreeningTable(table.bfloat16(), table.norm(dim=1).max())
+    return None
+
+
+@torch.no_grad()
+def screened_top_items(model: GSASRec, last_hidden: torch.Tensor, limit: int, rated: torch.Tensor | None,
+                       screening: ScreeningTable) -> tuple[torch.Tensor, torch.Tensor]:
+    """GSASRec.top_items in two passes: the catalogue in bf16, then in float32 only the bf16 pass's best
+    SCREEN_CANDIDATES items. A bf16 score of h.w is within 2^-7 |h| max|w| of the float32 one (inputs and
+    result rounded to 8 significant bits), so every item of the true top `limit` scores in bf16 at least the
+    bf16 limit-th best minus twice that; rows whose candidates do not reach that far down are ranked whole
+    in float32. The items are those of float32 ranking, up to its rounding."""
+    table = model.output_item_embeddings
+    screened = model.without_non_candidates(last_hidden.bfloat16() @ screening.table.T, rated)
+    screened_scores, candidates = screened.topk(min(max(SCREEN_CANDIDATES, limit + 1), screened.shape[1]), dim=1)
+    margin = 2 ** -6 * last_hidden.norm(dim=1) * screening.largest_norm
+    screened_scores = screened_scores.float()
+    covered = screened_scores[:, -1] < screened_scores[:, limit - 1] - margin
+    exact = torch.bmm(table[candidates], last_hidden.unsqueeze(-1)).squeeze(-1)
+    top_scores, order = exact.masked_fill(screened_scores == float("-inf"), float("-inf")).topk(limit, dim=1)
+    top_items = candidates.gather(1, order)
+    uncovered = (~covered).nonzero().squeeze(1)
+    if len(uncovered):
+        top_items[uncovered], top_scores[uncovered] = model.top_items(
+            last_hidden[uncovered], limit, None if rated is None else rated[uncovered])
+    return top_items, top_scores
 
 
 @torch.inference_mode()
@@ -25,7 +186,7 @@ def recommend_batched(model: GSASRec, inputs: Sequences, limit: int, filter_rate
 
     Sequences are batched by length and each batch is cut to its longest input, so no work is spent on
     columns of pure padding; with filter_rated every item of the whole input history is excluded. The first block's
-    keys and values come from tables made once per call (GSASRec.first_block_tables). The catalogue is scored
+    keys and values come from tables made once per call (first_block_tables). The catalogue is scored
     afterwards in batches of at most batch_size users and CATALOGUE_SCORES_PER_BATCH scores."""
     device = next(model.parameters()).device
     limit = min(limit, model.num_items)  # lists longer than a small catalogue would rank non-items
@@ -37,22 +198,22 @@ def recommend_batched(model: GSASRec, inputs: Sequences, limit: int, filter_rate
     window_lengths = np.minimum(lengths, model.sequence_length)
     # The tables cost a product per catalogue row and save one per position: worth it for catalogues smaller than
     # the positions to run (ML-1M: 3,418 rows against 656,377 test positions).
-    first_block_tables = model.first_block_tables() if model.num_items + 2 < window_lengths.sum() else None
+    tables = first_block_tables(model) if model.num_items + 2 < window_lengths.sum() else None
     for rows in length_groups(window_lengths, max_rows=batch_size,
                               max_positions=CPU_TOKENS_PER_BATCH if on_cpu else None):
         window = inputs.windows(rows, max(int(window_lengths[rows].max()), 1), model.padding_id)
-        hidden = model(torch.from_numpy(window).to(device), last_position_only=True,
-                       first_block_tables=first_block_tables)
-        last_hidden[torch.from_numpy(rows).to(device)] = hidden[:, -1]
+        last_hidden[torch.from_numpy(rows).to(device)] = last_hidden_states(model, torch.from_numpy(window).to(device),
+                                                                             tables)
     items = np.empty((len(inputs), limit), dtype=np.int64)
     scores = np.empty((len(inputs), limit), dtype=np.float32)
     users_per_scoring = max(1, min(batch_size, CATALOGUE_SCORES_PER_BATCH // (model.num_items + 2)))
-    screening_table = model.screening_table()
+    screening = screening_table(model)
     for rows in length_groups(lengths, max_rows=users_per_scoring):
         longest = max(int(lengths[rows].max()), 1)
         rated = torch.from_numpy(inputs.windows(rows, longest, model.padding_id)).to(device) if filter_rated else None
         hidden = last_hidden[torch.from_numpy(rows).to(device)]
-        top_items, top_scores = model.top_items(hidden, limit, rated, screening_table)
+        top_items, top_scores = (model.top_items(hidden, limit, rated) if screening is None else
+                                 screened_top_items(model, hidden, limit, rated, screening))
         if log_softmax:
             candidates = model.without_non_candidates(hidden @ model.output_item_embeddings.T, rated)
             top_scores = top_scores.float() - candidates.logsumexp(1, keepdim=True)

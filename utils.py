@@ -1,12 +1,16 @@
-"""Config files, model building, devices, self-describing checkpoints and the scripts' command lines."""
+"""Config files, model building, devices and processes, self-describing checkpoints and the scripts' command
+lines."""
 import argparse
 import dataclasses
 import difflib
+import hashlib
 import importlib.util
+import json
 import math
 import os
 import platform
 import re
+import signal
 import sys
 import traceback
 import types
@@ -15,11 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch import nn
 
 from config import GSASRecError, GSASRecExperimentConfig
 from dataset_utils import Sequences, offsets_from_lengths
-from eval_utils import recommend_batched
-from gsasrec import GSASRec, has_native_bf16
+from eval_utils import has_native_bf16, metric_problems, recommend_batched
+from fast_training import BitFieldDropout
+from gsasrec import GSASRec
 
 CHECKPOINT_FORMAT = "gsasrec-pytorch-checkpoint-1"
 
@@ -44,6 +51,18 @@ def load_config(path: str) -> GSASRecExperimentConfig:
     config = getattr(module, "config", None)
     if not isinstance(config, GSASRecExperimentConfig):
         raise GSASRecError(f"{path} must define `config = GSASRecExperimentConfig(...)`")
+    try:
+        return with_checked_metrics(config)
+    except GSASRecError as error:
+        raise GSASRecError(f"{path}: {error}") from None
+
+
+def with_checked_metrics(config: GSASRecExperimentConfig) -> GSASRecExperimentConfig:
+    """The config once ir_measures knows its metrics and they fit its lists (eval_utils.metric_problems): config.py
+    checks everything else, but imports nothing of the project."""
+    problems = metric_problems(config.metrics, config.recommendation_limit)
+    if problems:
+        raise GSASRecError("invalid config: " + "; ".join(problems))
     return config
 
 
@@ -83,17 +102,20 @@ def apply_overrides(config: GSASRecExperimentConfig, overrides: list[str]) -> GS
             raise GSASRecError(f"--set {name}: no such config field" +
                                (f" (did you mean {nearest[0]}?)" if nearest else ""))
         values[name] = parse_field_value(name, text.strip(), hints[name])
-    return dataclasses.replace(config, **values)
+    return with_checked_metrics(dataclasses.replace(config, **values))
 
 
 def build_model(config: GSASRecExperimentConfig, num_items: int) -> GSASRec:
+    """The config's network for a catalogue of num_items, with the dropout modules of its engine (the fast one's
+    draw cheaper masks: fast_training.BitFieldDropout)."""
+    dropout = BitFieldDropout if config.engine == "fast" else nn.Dropout
     return GSASRec(num_items, sequence_length=config.sequence_length, embedding_dim=config.embedding_dim,
                    num_heads=config.num_heads, num_blocks=config.num_blocks, dropout_rate=config.dropout_rate,
                    reuse_item_embeddings=config.reuse_item_embeddings,
                    embedding_init_std=config.embedding_init_std,
                    initial_score=-math.log(num_items) if config.prior_score_init else None,
                    sparse_item_gradients=config.sparse_item_updates, block=config.block,
-                   feed_forward_multiplier=config.ligr_feed_forward_multiplier)
+                   feed_forward_multiplier=config.ligr_feed_forward_multiplier, dropout=dropout)
 
 
 def resolve_device(name: str | None = None) -> torch.device:
@@ -106,6 +128,48 @@ def resolve_device(name: str | None = None) -> torch.device:
         except RuntimeError:
             raise GSASRecError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def init_distributed(device_name: str | None) -> tuple[int, int, torch.device]:
+    """(rank, world size, device): under torchrun joins the process group (nccl on GPUs, gloo on CPUs)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, resolve_device(device_name)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    use_cuda = torch.cuda.is_available() and not (device_name or "").startswith("cpu")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return dist.get_rank(), world_size, device
+
+
+def weights_digest(model: nn.Module) -> str:
+    """A short hash of the weights, to show that the ranks of a run hold the same ones."""
+    digest = hashlib.sha256()
+    for value in model.state_dict().values():
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class StopRequest:
+    """Turns the first Ctrl-C / SIGTERM into a flag checked between steps; a second one interrupts at once."""
+
+    def __init__(self, announce: bool):
+        self.requested = False
+        self.announce = announce
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.announce:
+            print("\nStopping: saving the training state after this step (press Ctrl-C again to abort)...")
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def machine_description(device: torch.device) -> dict:
@@ -228,6 +292,48 @@ def check_tensors(model_state: dict, expected: dict, what: str, official: bool) 
         if value.shape != model_state[name].shape:
             raise GSASRecError(f"{what}: {named([name])} is {tuple(model_state[name].shape)} in the checkpoint, "
                                f"{tuple(value.shape)} for it")
+
+
+def read_training_state(path: Path, keys: tuple[str, ...]) -> dict:
+    """A run folder's saved training state (a checkpoint with `keys` besides), or a one-line error."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise GSASRecError(f"{path} is unreadable ({type(error).__name__}); start over with --fresh "
+                           "or pass another --run-dir") from None
+    missing = [key for key in keys if not isinstance(saved, dict) or key not in saved]
+    if missing:
+        raise GSASRecError(f"{path} is not a training state (no {', '.join(missing)}); start over "
+                           "with --fresh or pass another --run-dir")
+    return saved
+
+
+def rng_state(generator: torch.Generator, device: torch.device) -> dict:
+    """This process's random streams, for a training state: torch's global one, the training generator, CUDA's."""
+    return {"torch": torch.get_rng_state(), "generator": generator.get_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def restore_rng_state(saved: dict | None, generator: torch.Generator, device: torch.device) -> bool:
+    """Restores what rng_state saved; False, restoring nothing, where there is none or another kind of device saved
+    it (a CPU generator's state, Mersenne Twister, and a CUDA one's, Philox, differ in size, not only in meaning)."""
+    if saved is None or saved["generator"].numel() != generator.get_state().numel():
+        return False
+    torch.set_rng_state(saved["torch"])
+    generator.set_state(saved["generator"])
+    if device.type == "cuda" and saved["cuda"] is not None:
+        torch.cuda.set_rng_state(saved["cuda"], device)
+    return True
+
+
+def drop_log_records_after(path: Path, step: int) -> None:
+    """Removes the records of a JSONL training log whose step is past `step`, atomically."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(kept) < len(lines):
+        atomic_write(path, lambda temporary: temporary.write_text("".join(kept)))
 
 
 def write_official_checkpoint(checkpoint: dict, path: str) -> None:

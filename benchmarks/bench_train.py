@@ -9,11 +9,13 @@ import numpy as np
 import torch
 
 from common import add_dataset_options, benchmark_dataset, report
-from gsasrec import gbce_beta, has_native_bf16
+from dataset_utils import training_batch
+from eval_utils import has_native_bf16
+from fast_training import TableSteps
+from gsasrec import gbce_beta
 from paper_way import paper_way_loss
-from train_gsasrec import build_optimizer, training_batch, training_loss
-from utils import (CommandLineParser, apply_overrides, build_model, load_config, resolve_device,
-                   run_cli)
+from train_gsasrec import TrainingObjective, build_optimizer, sample_negatives
+from utils import CommandLineParser, apply_overrides, build_model, load_config, resolve_device, run_cli
 
 
 def main() -> None:
@@ -21,7 +23,7 @@ def main() -> None:
     parser.add_argument("--config", default="config_ml1m.py")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a config field, as train_gsasrec.py --set (e.g. negative_sampling=per_sequence, "
-                             "bf16=true, bf16_scores=false)")
+                             "bf16=true, bf16_scores=false, engine=reference)")
     parser.add_argument("--paper-way", action="store_true",
                         help="the official port's way of computing the loss (about 10 GB of memory on ML-1M)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
@@ -34,9 +36,10 @@ def main() -> None:
     dataset, dataset_name = benchmark_dataset(args)
     torch.manual_seed(0)
     model = build_model(config, dataset.num_items).to(device).train()
-    optimizer = build_optimizer(model, config)
+    optimizer = build_optimizer(model, config, in_backward=True)
     generator = torch.Generator(device=device).manual_seed(0)
     beta = gbce_beta(config.negs_per_pos, dataset.num_items, config.gbce_t)
+    objective = TrainingObjective(model, config, beta, getattr(optimizer, "table_steps", TableSteps()))
     rng = np.random.RandomState(0)
     users = np.flatnonzero(dataset.train.lengths >= 2)
     seconds = []
@@ -49,7 +52,7 @@ def main() -> None:
                                       generator=generator, device=device)
             loss = paper_way_loss(model, batch, negatives, beta)
         else:
-            loss = training_loss(model, batch, config, beta, generator, optimizer.table_steps)
+            loss = objective(batch, sample_negatives(batch, config, dataset.num_items, generator))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -59,7 +62,7 @@ def main() -> None:
             seconds.append(time.perf_counter() - started)
     extra = {"peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)} if device.type == "cuda" else {}
     report(benchmark="train_step_paper_way" if args.paper_way else "train_step", dataset=dataset_name,
-           config=args.config, overrides=args.set,
+           config=args.config, overrides=args.set, engine=config.engine,
            negative_sampling="per_position" if args.paper_way else config.negative_sampling,
            bf16=config.bf16 and has_native_bf16(device),
            bf16_scores=config.bf16_scores and has_native_bf16(device), batch_size=config.train_batch_size,
