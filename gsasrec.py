@@ -25,7 +25,7 @@ class CausalAttention(nn.Module):
     """What both blocks share: heads split from single E x E projections, and causal attention whose weights may
     get dropout."""
 
-    def __init__(self, num_heads: int, dropout_rate: float, dropout: DropoutFactory):
+    def __init__(self, num_heads: int, dropout_rate: float, dropout: DropoutFactory = nn.Dropout):
         super().__init__()
         self.num_heads = num_heads
         self.dropout_rate = dropout_rate
@@ -64,7 +64,7 @@ class SelfAttentionBlock(CausalAttention):
     """One SASRec block: queries from LayerNorm(x), keys/values from x, no output projection,
     then a point-wise feed-forward with a residual."""
 
-    def __init__(self, embedding_dim: int, num_heads: int, dropout_rate: float, dropout: DropoutFactory):
+    def __init__(self, embedding_dim: int, num_heads: int, dropout_rate: float, dropout: DropoutFactory = nn.Dropout):
         super().__init__(num_heads, dropout_rate, dropout)
         self.attention_norm = nn.LayerNorm(embedding_dim, eps=1e-8)
         self.query = nn.Linear(embedding_dim, embedding_dim)
@@ -99,7 +99,7 @@ class SwiGLU(nn.Module):
     """The gated feed-forward W2 (SiLU(W x) * V x) of Shazeer's "GLU Variants Improve Transformer", without
     biases; W and V are one (2H x E) product."""
 
-    def __init__(self, embedding_dim: int, hidden_dim: int, dropout_rate: float, dropout: DropoutFactory):
+    def __init__(self, embedding_dim: int, hidden_dim: int, dropout_rate: float, dropout: DropoutFactory = nn.Dropout):
         super().__init__()
         self.gate_and_value = nn.Linear(embedding_dim, 2 * hidden_dim, bias=False)
         self.dropout = dropout(dropout_rate)
@@ -116,7 +116,7 @@ class LiGRBlock(CausalAttention):
     sigmoid(linear(x)) of the stream it joins: x + sigmoid(G1 x) * Attn(LN1 x), then h + sigmoid(G2 h) * FFN(LN2 h)."""
 
     def __init__(self, embedding_dim: int, num_heads: int, dropout_rate: float, feed_forward_multiplier: int,
-                 dropout: DropoutFactory):
+                 dropout: DropoutFactory = nn.Dropout):
         super().__init__(num_heads, dropout_rate, dropout)
         self.attention_norm = nn.LayerNorm(embedding_dim, eps=1e-8)
         self.query_key_value = nn.Linear(embedding_dim, 3 * embedding_dim)

@@ -15,7 +15,7 @@ from tests.conftest import REPO, write_config
 DRIVER = """
 import io, os, signal, sys
 sys.path.insert(0, {repo!r})
-import torch, train_gsasrec, utils
+import fast_training, torch, train_gsasrec, utils
 moment, count = sys.argv[1], int(sys.argv[2])
 sys.argv = ["train_gsasrec.py"] + sys.argv[3:]
 calls = 0
@@ -37,7 +37,7 @@ def killing(original, half_write=False):
     return wrapper
 
 if moment == "step":
-    train_gsasrec.training_loss = killing(train_gsasrec.training_loss)
+    fast_training.training_loss = killing(fast_training.training_loss)
 elif moment == "validation":
     train_gsasrec.evaluate = killing(train_gsasrec.evaluate)
 elif moment == "write":

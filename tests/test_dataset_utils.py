@@ -1,13 +1,20 @@
+"""Data (dataset_utils.py): the split byte for byte, the split files, the sequence store and its windows, length
+groups, and which users and windows a training batch holds."""
 import numpy as np
 import pytest
+import torch
 
 from benchmarks.common import synthetic_dataset
-from config import GSASRecError
-from dataset_utils import (SPLIT_FILES, Sequences, dataset_recipe, load_dataset, offsets_from_lengths, read_sequences,
-                           sequences_from_pairs, sha256_of, split_sequences)
+from config import GSASRecError, GSASRecExperimentConfig
+from dataset_utils import (SPLIT_FILES, DatasetSplit, InteractionWeightedSampler, Sequences, dataset_recipe,
+                           length_groups, load_dataset, offsets_from_lengths, read_sequences, sequences_from_pairs,
+                           sha256_of, split_sequences, training_batch)
 from tests.conftest import write_synthetic_dataset
 
+
 ML1M = dataset_recipe("ml1m")
+
+
 EXPECTED_SPLIT_SHA256 = {
     "train/input.txt": "06957b3d3cc937ac05e5f5ade2d2d5c1042efdd2b6779b768140e74d4f6b20e3",
     "val/input.txt": "e4503bcef51a7689c48d491bd0dc090f053b8103b2c2bf6eed3bc31699fa09ca",
@@ -106,3 +113,79 @@ def test_the_synthetic_benchmark_dataset_has_the_asked_size_and_zipf_like_popula
     assert events.min() >= 1 and events.max() <= 5000
     counts = np.bincount(events, minlength=5001)
     assert 1.7 < counts[1] / counts[2] < 2.3 and 7 < counts[1] / counts[10] < 13
+
+
+def test_length_groups_cover_every_row_and_stop_at_the_padding_budget():
+    lengths = np.random.RandomState(0).randint(2, 202, 500)
+    groups = length_groups(lengths, max_padding=256)
+    assert sorted(np.concatenate(groups).tolist()) == list(range(500))
+
+    def padding(rows: np.ndarray) -> int:
+        return int(lengths[rows].max() * len(rows) - lengths[rows].sum())
+
+    assert all(padding(group) <= 256 for group in groups)
+    # Each group stops because the next longer row would take it over the budget.
+    assert all(padding(np.concatenate([group, following[:1]])) > 256 for group, following in zip(groups, groups[1:]))
+    assert all(lengths[group].max() <= lengths[following].min() for group, following in zip(groups, groups[1:]))
+    assert 10 < len(groups) < 100
+
+
+def test_length_groups_stop_at_a_row_count_and_a_position_count():
+    """Evaluation's batches: at most max_rows rows and max_positions positions (rows times the longest), each
+    group as large as those bounds let it be."""
+    lengths = np.random.RandomState(1).randint(0, 200, 1000)
+    groups = length_groups(lengths, max_rows=64, max_positions=3200)
+    assert sorted(np.concatenate(groups).tolist()) == list(range(1000))
+    assert all(len(group) <= 64 and len(group) * lengths[group].max() <= 3200 for group in groups)
+    for group, following in zip(groups, groups[1:]):
+        grown = np.concatenate([group, following[:1]])
+        assert len(grown) > 64 or len(grown) * lengths[grown].max() > 3200
+
+
+def test_random_training_windows_are_full_slices_ending_anywhere_after_the_first_full_window():
+    lengths = np.array([3, 7, 12, 40])
+    offsets = offsets_from_lengths(lengths)
+    train = Sequences(np.arange(1, offsets[-1] + 1, dtype=np.int32), offsets)  # item = its flat position + 1
+    dataset = DatasetSplit(train, train, lengths, train, lengths, num_items=int(offsets[-1]))
+    rows = np.arange(4)
+    generator = torch.Generator().manual_seed(0)
+    latest = training_batch(dataset, rows, GSASRecExperimentConfig(sequence_length=6), generator)
+    assert latest[3].tolist() == list(range(offsets[4] - 6, offsets[4] + 1))
+    config = GSASRecExperimentConfig(sequence_length=6, training_window="random")
+    ends = {row: set() for row in rows}
+    for _ in range(200):
+        batch = training_batch(dataset, rows, config, generator)
+        assert batch.shape == (4, 7)
+        assert batch[0].tolist() == [dataset.padding_id] * 4 + [1, 2, 3]  # shorter than a window: all of it
+        for row in rows[1:]:
+            window = batch[row].tolist()
+            assert window == list(range(window[0], window[0] + 7))  # 7 consecutive items of the row
+            ends[row].add(window[-1] - offsets[row])
+    assert ends[1] == {7} and ends[2] == set(range(7, 13)) and ends[3] == set(range(7, 41))
+
+
+def test_per_interaction_sampling_draws_users_by_their_windows_worth_of_targets():
+    """A history of 41 items holds 40 targets, 4 windows' worth of a window of 11 (10 targets): it is drawn 4 times
+    as often as any history that fits in one window, so each of its interactions is a target as often."""
+    lengths = np.array([2, 5, 11, 41])
+    sampler = InteractionWeightedSampler(lengths, window=11, num_replicas=1, rank=0, seed=3)
+    counts = np.zeros(4)
+    for epoch in range(2000):
+        sampler.set_epoch(epoch)
+        draw = list(sampler)
+        assert len(draw) == len(sampler) == 4
+        counts += np.bincount(draw, minlength=4)
+    assert counts / counts.sum() == pytest.approx([1 / 7, 1 / 7, 1 / 7, 4 / 7], abs=0.02)
+
+
+def test_per_interaction_sampling_repeats_an_epoch_and_gives_each_rank_its_own_users():
+    lengths = np.random.RandomState(0).randint(2, 500, 101)
+    ranks = [InteractionWeightedSampler(lengths, 201, num_replicas=2, rank=rank, seed=5) for rank in (0, 1)]
+    for sampler in ranks:
+        sampler.set_epoch(7)
+    shares = [list(sampler) for sampler in ranks]
+    assert len(shares[0]) == len(shares[1]) == len(ranks[0]) == 51
+    assert shares[0] != shares[1]
+    assert list(ranks[0]) == shares[0]  # the same epoch draws the same users again, as a resumed run needs
+    ranks[0].set_epoch(8)
+    assert list(ranks[0]) != shares[0]
