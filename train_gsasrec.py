@@ -431,17 +431,17 @@ def main() -> None:
     trainer = Trainer(config, dataset, run_dir, device, rank, world_size, args.log_test_metrics,
                       progress=not args.no_progress)
     progress = trainer.run()
-    if rank == 0:
-        print(json.dumps({"best_checkpoint": progress.best_checkpoint,
-                          f"best_val_{config.val_metric}": progress.best_metric, "steps": progress.step,
-                          "stopped": progress.stopped, "world_size": world_size}), flush=True)
     if world_size > 1:
         print(f"rank {rank}: stopped at epoch {progress.epoch} step {progress.step}, "
               f"weights {weights_digest(trainer.model)}", flush=True)
         dist.barrier()  # no rank tears down the process group while another still uses it
         dist.destroy_process_group()
-        # Everything is saved and printed; a normal interpreter exit can still abort in gloo's background
-        # threads ("terminate called without an active exception"), so a distributed rank leaves at once.
+    if rank == 0:
+        print(json.dumps({"best_checkpoint": progress.best_checkpoint,
+                          f"best_val_{config.val_metric}": progress.best_metric, "steps": progress.step,
+                          "stopped": progress.stopped, "world_size": world_size}), flush=True)
+    if world_size > 1:
+        # A normal exit can still abort in gloo's background threads after all is saved: a rank leaves at once.
         os._exit(0)
 
 
