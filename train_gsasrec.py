@@ -33,8 +33,8 @@ from eval_utils import evaluate
 from gsasrec import (GSASRec, gbce_beta, gbce_loss, has_native_bf16, logq_shift, sampled_softmax_loss,
                      softmax_loss)
 from utils import (CommandLineParser, apply_overrides, atomic_save, atomic_write, build_model, checkpoint_name,
-                   cpu_weights, load_config, machine_description, model_checkpoint, resolve_device,
-                   run_cli)
+                   cpu_weights, load_config, load_tensors_file, machine_description, model_checkpoint,
+                   resolve_device, run_cli)
 
 # Transparent huge pages for PyTorch's large CPU tensors (read at its first large allocation): measured when a
 # million-item step still allocated 1 GB of table gradients, they took it from 2.31 to 2.09-2.12 s (median of 4).
@@ -581,12 +581,12 @@ class Trainer:
                         self.state_path)
 
     def read_state(self) -> dict:
-        """The saved training state, or a one-line error when the file is not one."""
+        """The saved training state (tensors and plain values only: utils.load_tensors_file), or a one-line error
+        when the file is not one."""
         try:
-            saved = torch.load(self.state_path, map_location="cpu", weights_only=False)
-        except Exception as error:
-            raise GSASRecError(f"{self.state_path} is unreadable ({type(error).__name__}); start over with --fresh "
-                               "or pass another --run-dir") from None
+            saved = load_tensors_file(self.state_path, "training state")
+        except GSASRecError as error:
+            raise GSASRecError(f"{error}; start over with --fresh or pass another --run-dir") from None
         missing = [key for key in STATE_KEYS if not isinstance(saved, dict) or key not in saved]
         if missing:
             raise GSASRecError(f"{self.state_path} is not a training state (no {', '.join(missing)}); start over "

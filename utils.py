@@ -5,6 +5,7 @@ import difflib
 import importlib.util
 import math
 import os
+import pickle
 import platform
 import re
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.torch_version import TorchVersion
 
 from config import GSASRecError, GSASRecExperimentConfig
 from dataset_utils import Sequences, offsets_from_lengths
@@ -22,6 +24,18 @@ from eval_utils import recommend_batched
 from gsasrec import GSASRec, has_native_bf16
 
 CHECKPOINT_FORMAT = "gsasrec-pytorch-checkpoint-1"
+# The one Python class a file of ours may hold besides tensors and plain values: the torch version that training
+# records stored before they stored it as text (a str subclass, rebuilt from its text; nothing runs).
+EARLIER_CHECKPOINT_CLASSES = [TorchVersion]
+# The fields of a checkpoint of ours and what each must hold; all but "training" (how it was made) are required.
+CHECKPOINT_FIELDS = {
+    "config": lambda value: isinstance(value, dict) and all(isinstance(name, str) for name in value),
+    "num_items": lambda value: isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+    "model_state": lambda value: isinstance(value, dict) and all(isinstance(tensor, torch.Tensor)
+                                                                 for tensor in value.values()),
+    "training": lambda value: isinstance(value, dict) and {"seconds", "steps", "world_size", "device", "threads",
+                                                           "torch"} <= set(value),
+}
 
 
 def load_config(path: str) -> GSASRecExperimentConfig:
@@ -119,7 +133,7 @@ def machine_description(device: torch.device) -> dict:
                                                              else []) if line.startswith("model name")]
         name = models[0] if models else platform.processor() or platform.machine()
     return {"device": name, "threads": torch.get_num_threads(), "native_bf16": has_native_bf16(device),
-            "torch": torch.__version__}
+            "torch": str(torch.__version__)}
 
 
 def checkpoint_name(config: GSASRecExperimentConfig, step: int, metric_value: float) -> str:
@@ -182,23 +196,53 @@ def rename_parameters(state: dict[str, torch.Tensor], to_official: bool) -> dict
     return renamed
 
 
+def load_tensors_file(path: Path, what: str) -> object:
+    """A file torch.save wrote, read with weights_only=True: it may hold tensors and plain Python values only, so a
+    checkpoint from a stranger cannot run code when it is read. A failure is one line naming the file."""
+    try:
+        with torch.serialization.safe_globals(EARLIER_CHECKPOINT_CLASSES):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        unsafe = re.search(r"GLOBAL (\S+)", str(error))  # how torch names what its weights-only unpickler refused
+        if unsafe:
+            raise GSASRecError(f"{path} holds Python objects other than tensors and plain values ({unsafe[1]}); "
+                               "refusing to load it (weights_only)") from None
+        raise GSASRecError(f"{path} is not a readable {what} (UnpicklingError: damaged, or not written by "
+                           "torch.save)") from None
+    except OSError as error:
+        raise GSASRecError(f"cannot read {path}: {error.strerror or error}") from None
+    except Exception as error:
+        raise GSASRecError(f"{path} is not a readable {what} ({type(error).__name__}: damaged, truncated, or not "
+                           "written by torch.save)") from None
+
+
+def checkpoint_damage(checkpoint: dict) -> str | None:
+    """What is missing or of the wrong kind in a checkpoint of ours, or None: the scripts then need not guard
+    every field they read."""
+    missing = [name for name in CHECKPOINT_FIELDS if name not in checkpoint and name != "training"]
+    if missing:
+        return f"it has no {', '.join(missing)}"
+    wrong = [name for name, fits in CHECKPOINT_FIELDS.items() if name in checkpoint and not fits(checkpoint[name])]
+    return f"its {', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} not what a checkpoint holds" if wrong else None
+
+
 def read_checkpoint(path: str, config: GSASRecExperimentConfig | None = None) -> dict:
     """A checkpoint of this repository, or a bare state dict of the official port (which needs its config)
     wrapped as one."""
     path = Path(path)
     if not path.is_file():
         raise GSASRecError(f"checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:
-        raise GSASRecError(f"{path} is not a readable checkpoint ({type(error).__name__}: {error})") from None
+    checkpoint = load_tensors_file(path, "checkpoint")
     if isinstance(checkpoint, dict) and checkpoint.get("format") == CHECKPOINT_FORMAT:
-        missing = [key for key in ("config", "num_items", "model_state") if key not in checkpoint]
-        if missing:
-            raise GSASRecError(f"{path} is a damaged checkpoint: it has no {', '.join(missing)}")
+        damage = checkpoint_damage(checkpoint)
+        if damage:
+            raise GSASRecError(f"{path} is a damaged checkpoint: {damage}")
         return checkpoint
     if isinstance(checkpoint, dict) and "item_embedding.weight" in checkpoint and any(
-            name.startswith("transformer_blocks.") for name in checkpoint):
+            str(name).startswith("transformer_blocks.") for name in checkpoint):
+        if not all(isinstance(name, str) and isinstance(value, torch.Tensor) for name, value in checkpoint.items()):
+            raise GSASRecError(f"{path} is a damaged official-port checkpoint: it holds something other than "
+                               "named tensors")
         if config is None:
             raise GSASRecError(f"{path} is an official-port checkpoint (weights only, no config): give its "
                                "config, e.g. --config=config_ml1m.py")
@@ -210,7 +254,11 @@ def official_checkpoint(official_state: dict, config: GSASRecExperimentConfig, p
     """An official-port state dict as this repository's checkpoint (the item count comes from the embedding
     table); its tensors are checked against the config's model when the model is built."""
     model_state = rename_parameters(official_state, to_official=False)
-    num_items = model_state["item_embedding.weight"].shape[0] - 2
+    table = model_state["item_embedding.weight"]
+    if table.dim() != 2 or len(table) < 3:
+        raise GSASRecError(f"{path} is a damaged official-port checkpoint: its item_embedding.weight is "
+                           f"{tuple(table.shape)}, not (items + 2, embedding_dim)")
+    num_items = len(table) - 2
     return {"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(config), "num_items": num_items,
             "model_state": model_state, "official": True}
 
@@ -238,10 +286,18 @@ def write_official_checkpoint(checkpoint: dict, path: str) -> None:
     atomic_save(rename_parameters(checkpoint["model_state"], to_official=True), Path(path))
 
 
+def checkpoint_config(checkpoint: dict, path: str) -> GSASRecExperimentConfig:
+    """The config a checkpoint holds, validated as any config is."""
+    try:
+        return GSASRecExperimentConfig.from_dict(checkpoint["config"])
+    except GSASRecError as error:
+        raise GSASRecError(f"{path} holds a config this version refuses: {error}") from None
+
+
 def model_from_checkpoint(checkpoint: dict, config: GSASRecExperimentConfig | None = None, num_items: int | None = None,
                           path: str = "checkpoint") -> tuple[GSASRec, GSASRecExperimentConfig]:
     """Rebuilds the model; a given config or dataset item count must agree with the checkpoint's."""
-    saved_config = GSASRecExperimentConfig.from_dict(checkpoint["config"])
+    saved_config = checkpoint_config(checkpoint, path)
     if num_items is not None and num_items != checkpoint["num_items"]:
         raise GSASRecError(f"{path} was trained on {checkpoint['num_items']} items but the dataset has {num_items}")
     if config is not None:

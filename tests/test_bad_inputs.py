@@ -114,7 +114,8 @@ SCRIPT_CASES = {
     "--run-dir is a file": ("train", lambda w: ["--config", w.ok, "--run-dir", str(w.root / "a_file")],
                             "is a file"),
     "unreadable training state": ("train", lambda w: ["--config", w.ok, "--run-dir", str(w.root / "garbage")],
-                                  "train_state.pt is unreadable (UnpicklingError); start over with --fresh"),
+                                  "train_state.pt is not a readable training state (UnpicklingError: damaged, or not written by "
+                                  "torch.save); start over with --fresh"),
     "training state of something else": ("train", lambda w: ["--config", w.ok, "--run-dir", str(w.root / "foreign")],
                                          "is not a training state (no config, model_state"),
     "dataset not prepared": ("train", lambda w: train_args(w, "--set", "dataset_name=absent"),
