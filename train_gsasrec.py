@@ -32,9 +32,9 @@ from dataset_utils import DatasetSplit, ensure_dataset, length_groups, load_data
 from eval_utils import evaluate
 from gsasrec import (GSASRec, gbce_beta, gbce_loss, has_native_bf16, logq_shift, sampled_softmax_loss,
                      softmax_loss)
-from utils import (CommandLineParser, apply_overrides, atomic_save, atomic_write, build_model, checkpoint_name,
-                   cpu_weights, load_config, load_tensors_file, machine_description, model_checkpoint,
-                   resolve_device, run_cli)
+from utils import (CommandLineParser, apply_overrides, atomic_save, atomic_write, build_model, check_tensors,
+                   checkpoint_name, cpu_weights, load_config, load_tensors_file, machine_description, model_checkpoint,
+                   read_checkpoint, resolve_device, run_cli, writable_folder)
 
 # Transparent huge pages for PyTorch's large CPU tensors (read at its first large allocation): measured when a
 # million-item step still allocated 1 GB of table gradients, they took it from 2.31 to 2.09-2.12 s (median of 4).
@@ -579,6 +579,11 @@ class Trainer:
                                          progress=asdict(self.progress), training=self.training_record(),
                                          **raw_weights),
                         self.state_path)
+            # Superseded best checkpoints go only now that the saved state names the new one: a run killed in
+            # between still has the best checkpoint its state names.
+            for checkpoint in self.run_dir.glob("gsasrec-*.pt"):
+                if str(checkpoint) != self.progress.best_checkpoint:
+                    checkpoint.unlink()
 
     def read_state(self) -> dict:
         """The saved training state (tensors and plain values only: utils.load_tensors_file), or a one-line error
@@ -595,10 +600,27 @@ class Trainer:
 
     def load_state(self) -> None:
         saved = self.read_state()
-        if comparable(GSASRecExperimentConfig.from_dict(saved["config"])) != comparable(self.config):
+        try:
+            self.restore(saved)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as error:
+            raise GSASRecError(f"{self.state_path} is damaged ({type(error).__name__}: "
+                               f"{str(error).strip().splitlines()[0] if str(error).strip() else 'no details'}); "
+                               "start over with --fresh or pass another --run-dir") from None
+        if self.rank == 0:
+            self.check_best_checkpoint()
+            self.drop_unsaved_records()
+
+    def restore(self, saved: dict) -> None:
+        try:
+            saved_config = GSASRecExperimentConfig.from_dict(saved["config"])
+        except GSASRecError as error:
+            raise GSASRecError(f"{self.state_path} holds a config this version refuses: {error}") from None
+        if comparable(saved_config) != comparable(self.config):
             raise GSASRecError(f"{self.run_dir} holds a run with a different config; pass --run-dir to start a "
                                "new run elsewhere or --fresh to overwrite it")
-        self.model.load_state_dict(saved.get("training_model_state", saved["model_state"]))
+        weights = saved.get("training_model_state", saved["model_state"])
+        check_tensors(weights, self.model.state_dict(), f"{self.state_path} is damaged", official=False)
+        self.model.load_state_dict(weights)
         self.optimizer.load_state_dict(saved["optimizer_state"])
         for group in self.optimizer.param_groups:
             # The saved run's kernel choice may not exist on this device: take this device's.
@@ -623,19 +645,46 @@ class Trainer:
             self.say(f"The run was saved {where}: random streams restart from the seed and the step")
             torch.manual_seed(self.config.seed + self.rank + self.progress.step)
             self.generator.manual_seed(self.config.seed + self.rank + self.progress.step)
-        if self.rank == 0:
-            self.drop_unsaved_records()
+
+    def check_best_checkpoint(self) -> None:
+        """The best checkpoint is looked for by name in this run folder, which may have been moved or copied; when
+        it is missing or damaged, the next validated model becomes the best, so the run still ends with one."""
+        progress = self.progress
+        if progress.best_checkpoint is None:
+            return
+        best = self.run_dir / Path(progress.best_checkpoint).name
+        progress.best_checkpoint = str(best)
+        try:
+            read_checkpoint(best)
+        except GSASRecError as error:
+            self.say(f"Note: the best checkpoint is unusable ({error}); the next model validated from step "
+                     f"{self.config.selection_start_step} on becomes the best")
+            progress.best_checkpoint, progress.best_metric = None, -math.inf
 
     def drop_unsaved_records(self) -> None:
         """Log records after the saved state's step go: a run killed between logging an epoch and saving its
-        state redoes that epoch, which would otherwise be logged twice."""
+        state redoes that epoch, which would otherwise be logged twice. Lines that are not whole records (a
+        write cut short, an edit) go too, with a note; every other record is kept."""
         path = self.run_dir / LOG_FILE
         if not path.is_file():
             return
-        lines = path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if json.loads(line)["step"] <= self.progress.step]
-        if len(kept) < len(lines):
-            atomic_write(path, lambda temporary: temporary.write_text("".join(kept)))
+
+        def step_of(line: str) -> int | None:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                return None
+            step = record.get("step") if isinstance(record, dict) else None
+            return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+        text = path.read_text(errors="replace")
+        steps = [(line, step_of(line)) for line in text.splitlines()]
+        damaged = sum(step is None for _, step in steps)
+        if damaged:
+            self.say(f"Note: {path} had {damaged} damaged line(s); they are dropped and the other records kept")
+        kept = "".join(f"{line}\n" for line, step in steps if step is not None and step <= self.progress.step)
+        if kept != text:
+            atomic_write(path, lambda temporary: temporary.write_text(kept))
 
     def tick(self) -> None:
         """Adds the wall-clock time since the last tick to the run's elapsed time."""
@@ -730,13 +779,10 @@ class Trainer:
             return
         progress.best_metric = metric
         progress.epochs_without_improvement = 0
-        previous = progress.best_checkpoint
         best_path = self.run_dir / checkpoint_name(self.config, progress.step, metric)
         atomic_save(model_checkpoint(self.evaluated_model, self.config, step=progress.step, epoch=progress.epoch,
                                      val_metrics=validation, training=self.training_record()), best_path)
-        progress.best_checkpoint = str(best_path)
-        if previous and Path(previous) != best_path:
-            Path(previous).unlink(missing_ok=True)
+        progress.best_checkpoint = str(best_path)  # the previous one goes once the state names this one (save_state)
 
     def run(self) -> Progress:
         """Trains until early stopping, max_epochs, a budget or a signal; returns where the run stands."""
@@ -745,6 +791,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             for unfinished in self.run_dir.glob(".*.tmp"):  # a write that a killed process did not finish
                 unfinished.unlink()
+        if not self.state_path.is_file() and self.rank == 0:
+            self.drop_unsaved_records()  # a first epoch logged, then killed before its state was saved
         if self.state_path.is_file():
             self.load_state()
             if progress.finished:
@@ -848,9 +896,7 @@ def main() -> None:
     if args.seed is not None:
         config = replace(config, seed=args.seed)
         default_run_name += f"-seed{args.seed}"
-    run_dir = Path(args.run_dir or Path("models") / default_run_name)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise GSASRecError(f"--run-dir {run_dir} is a file; a run folder holds the state, log and checkpoints")
+    run_dir = writable_folder(args.run_dir or Path("models") / default_run_name, "--run-dir")
     rank, world_size, device = init_distributed(args.device)
     if rank == 0:
         if args.fresh:

@@ -385,15 +385,34 @@ def output_file(path: str | None, flag: str) -> Path | None:
         raise GSASRecError(f"{flag} {path}: is a folder; give a file name")
     if not path.parent.is_dir():
         raise GSASRecError(f"{flag} {path}: the folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise GSASRecError(f"{flag} {path}: the folder {path.parent} is not writable")
+    if any(path.resolve() == Path(read).resolve() for read in reads):
+        raise GSASRecError(f"{flag} {path}: is a file this command reads; give another name")
     return path
 
 
-def whole_number_at_least(minimum: int) -> typing.Callable[[str], int]:
-    """An argparse type for counts: a whole number of at least `minimum`, refused before any work."""
+def writable_folder(path: str, flag: str) -> Path:
+    """A folder a script will write into (made if missing), checked before any work: it, or the nearest folder
+    above it that exists, must be a writable folder."""
+    path = Path(path)
+    existing = next(folder for folder in (path, *path.absolute().parents) if folder.exists())
+    if not existing.is_dir():
+        raise GSASRecError(f"{flag} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise GSASRecError(f"{flag} {path}: {existing} is not writable")
+    return path
+
+
+def whole_number_at_least(minimum: int, maximum: int | None = None) -> typing.Callable[[str], int]:
+    """An argparse type for counts and seeds: a whole number of at least `minimum` (and at most `maximum`),
+    refused before any work."""
     def parse(text: str) -> int:
         value = int(text)
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {value}")
         return value
     parse.__name__ = "whole number"  # argparse names the type in its message for text that is no number
     return parse
