@@ -174,5 +174,5 @@ def plot_reliability_diagrams(reports: dict[str, dict], path: str) -> None:
                                                    f"overconfidence {report['overconfidence']:.2f}x")
         axis.legend(loc="upper left", fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, format="png")  # whatever the name ends in: a script writes a temporary first
     plt.close(figure)

@@ -5,6 +5,7 @@ Sequences are left-padded; the prediction for a sequence is read at its last pos
 """
 import functools
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -265,8 +266,20 @@ class GSASRec(nn.Module):
                  embedding_init_std: float | None = None, initial_score: float | None = None,
                  sparse_item_gradients: bool = False, block: str = "sasrec", feed_forward_multiplier: int = 4):
         super().__init__()
-        if num_items < 1:
-            raise ValueError(f"num_items must be at least 1, got {num_items}")
+        for name, value in (("num_items", num_items), ("sequence_length", sequence_length),
+                            ("embedding_dim", embedding_dim), ("num_heads", num_heads), ("num_blocks", num_blocks),
+                            ("feed_forward_multiplier", feed_forward_multiplier)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must be a whole number, got {value!r}")
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if embedding_dim % num_heads:
+            raise ValueError(f"num_heads ({num_heads}) must divide embedding_dim ({embedding_dim})")
+        if not (isinstance(dropout_rate, (int, float)) and 0 <= dropout_rate < 1):
+            raise ValueError(f"dropout_rate must be a number in [0, 1), got {dropout_rate!r}")
+        if not (embedding_init_std is None or (isinstance(embedding_init_std, (int, float))
+                                               and 0 < embedding_init_std < math.inf)):
+            raise ValueError(f"embedding_init_std must be a number > 0 or None, got {embedding_init_std!r}")
         blocks = {"sasrec": lambda: SelfAttentionBlock(embedding_dim, num_heads, dropout_rate),
                   "ligr": lambda: LiGRBlock(embedding_dim, num_heads, dropout_rate, feed_forward_multiplier)}
         if block not in blocks:
@@ -318,6 +331,7 @@ class GSASRec(nn.Module):
         away columns of pure padding changes nothing. item_vectors: input's rows of the item table when the
         caller has looked them up already (training does it once for all its length groups).
         first_block_tables (self.first_block_tables(), eval mode only) give the same outputs with less work."""
+        check_id_tensor("input", input)  # its kind and shape only: forward runs on every training step
         length = input.shape[1]
         if length > self.sequence_length:
             raise ValueError(f"input length {length} exceeds sequence_length {self.sequence_length}")
@@ -371,8 +385,23 @@ class GSASRec(nn.Module):
         """Top-`limit` (item ids, scores) per sequence over the full catalogue.
 
         Id 0, the padding id and, if given, the `rated` ids ((batch, n) tensor, padding_id where unused)
-        are never returned."""
+        are never returned. The ids are checked here, not in forward, which training calls on every step."""
+        self.check_ids("input", input)
+        if rated is not None:
+            self.check_ids("rated", rated)
+            if len(rated) != len(input):
+                raise ValueError(f"rated must have a row for each of the {len(input)} input rows, got {len(rated)}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= self.num_items:
+            raise ValueError(f"limit must be a whole number in 1..{self.num_items} (the catalogue), got {limit!r}")
         return self.top_items(self.forward(input, last_position_only=True)[:, -1, :], limit, rated)
+
+    def check_ids(self, name: str, ids: torch.Tensor) -> None:
+        """A ValueError naming the argument unless ids is a 2-D integer tensor of item ids 1..num_items or the
+        padding id: an id out of range would otherwise fail deep inside the embedding lookup."""
+        check_id_tensor(name, ids)
+        if ids.numel() and not bool(((ids >= 1) & (ids <= self.padding_id)).all()):
+            raise ValueError(f"{name} holds ids outside 1..{self.num_items} (the items) and {self.padding_id} "
+                             "(padding)")
 
     @torch.no_grad()
     def top_items(self, last_hidden: torch.Tensor, limit: int, rated: torch.Tensor | None = None,
@@ -435,6 +464,15 @@ class GSASRec(nn.Module):
             top_items[uncovered], top_scores[uncovered] = self.float32_top_items(
                 last_hidden[uncovered], limit, None if rated is None else rated[uncovered])
         return top_items, top_scores
+
+
+def check_id_tensor(name: str, ids) -> None:
+    """A ValueError naming the argument unless ids is a (batch, length) tensor of int64 or int32, checked without
+    reading its values."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+        got = f"shape {tuple(ids.shape)} and dtype {ids.dtype}" if isinstance(ids, torch.Tensor) else \
+            f"a {type(ids).__name__}"
+        raise ValueError(f"{name} must be a (batch, length) tensor of int64 or int32 item ids, got {got}")
 
 
 def gbce_alpha(negatives_per_positive: int, num_items: int) -> float:

@@ -110,16 +110,27 @@ def build_model(config: GSASRecExperimentConfig, num_items: int) -> GSASRec:
                    feed_forward_multiplier=config.ligr_feed_forward_multiplier)
 
 
-def resolve_device(name: str | None = None) -> torch.device:
-    """The named device, else CUDA when present, else the CPU."""
-    if name:
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise GSASRecError(f"device {name!r} requested but CUDA is not available")
-        try:
-            return torch.device(name)
-        except RuntimeError:
-            raise GSASRecError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(name: str | torch.device | None = None) -> torch.device:
+    """The named device, else CUDA when present, else the CPU; one this machine does not have is refused here
+    rather than at the first tensor moved to it."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(name, (str, torch.device)):
+        raise TypeError(f"device must be a name such as 'cpu' or 'cuda:0', or a torch.device, got {name!r}")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise GSASRecError(f"unknown device {str(name)!r}: use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GSASRecError(f"device {str(name)!r} requested but CUDA is not available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise GSASRecError(f"device {str(name)!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                           f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise GSASRecError(f"device {str(name)!r} requested but MPS is not available")
+    return device
 
 
 def machine_description(device: torch.device) -> dict:
@@ -301,9 +312,10 @@ def model_from_checkpoint(checkpoint: dict, config: GSASRecExperimentConfig | No
     if num_items is not None and num_items != checkpoint["num_items"]:
         raise GSASRecError(f"{path} was trained on {checkpoint['num_items']} items but the dataset has {num_items}")
     if config is not None:
-        architecture = ["sequence_length", "embedding_dim", "num_heads", "num_blocks", "reuse_item_embeddings",
-                        "block", "ligr_feed_forward_multiplier"]
-        different = [name for name in architecture if getattr(config, name) != getattr(saved_config, name)]
+        # The architecture, and the loss, which says how scores read as probabilities (calibration).
+        trained_as = ["sequence_length", "embedding_dim", "num_heads", "num_blocks", "reuse_item_embeddings",
+                      "block", "ligr_feed_forward_multiplier", "loss"]
+        different = [name for name in trained_as if getattr(config, name) != getattr(saved_config, name)]
         if different:
             raise GSASRecError(f"{path} does not fit the config: " + ", ".join(
                 f"{name}={getattr(saved_config, name)} in the checkpoint, {getattr(config, name)} in the config"
@@ -322,6 +334,10 @@ def load_model(checkpoint_path: str, device: str | None = None, config: GSASRecE
                ) -> tuple[GSASRec, GSASRecExperimentConfig]:
     """A trained model in eval mode on `device` (default: CUDA if present), and its config; an official-port
     checkpoint needs its config."""
+    if not isinstance(checkpoint_path, (str, os.PathLike)):
+        raise TypeError(f"checkpoint_path must be a path (str or os.PathLike), got {checkpoint_path!r}")
+    if config is not None and not isinstance(config, GSASRecExperimentConfig):
+        raise TypeError(f"config must be a GSASRecExperimentConfig or None, got {type(config).__name__}")
     model, config = model_from_checkpoint(read_checkpoint(checkpoint_path, config), config, path=checkpoint_path)
     return model.to(resolve_device(device)).eval(), config
 
@@ -330,8 +346,12 @@ def recommend_batch(model: GSASRec, histories: list[list[int]], k: int = 10,
                     exclude_seen: bool = True) -> list[list[tuple[int, float]]]:
     """Top-k (item_id, score) for each history (item ids, oldest first), as evaluation ranks (batched by length,
     the last sequence_length items as input, the whole history excluded)."""
+    if not isinstance(model, GSASRec):
+        raise TypeError(f"model must be a GSASRec (utils.load_model gives one), got {type(model).__name__}")
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise GSASRecError(f"k must be a whole number >= 1, got {k!r}")
+    if not isinstance(exclude_seen, (bool, np.bool_)):
+        raise TypeError(f"exclude_seen must be True or False, got {exclude_seen!r}")
     try:
         histories = [history_ids(history, model.num_items) for history in histories]
     except TypeError:
@@ -376,8 +396,9 @@ class CommandLineParser(argparse.ArgumentParser):
         raise GSASRecError(f"{message} (see {self.prog} --help)")
 
 
-def output_file(path: str | None, flag: str) -> Path | None:
-    """A file a script will write, checked before any work: its folder must exist and it must not be a folder."""
+def output_file(path: str | None, flag: str, reads: tuple[Path, ...] = ()) -> Path | None:
+    """A file a script will write, checked before any work: its folder must exist and be writable, and it must be
+    neither a folder nor one of the files the script `reads`."""
     if path is None:
         return None
     path = Path(path)
