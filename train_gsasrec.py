@@ -603,14 +603,15 @@ class Trainer:
         try:
             self.restore(saved)
         except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as error:
-            raise GSASRecError(f"{self.state_path} is damaged ({type(error).__name__}: "
-                               f"{str(error).strip().splitlines()[0] if str(error).strip() else 'no details'}); "
-                               "start over with --fresh or pass another --run-dir") from None
+            detail = (str(error).strip().splitlines() or ["no details"])[0]
+            raise GSASRecError(f"{self.state_path} is damaged ({type(error).__name__}: {detail}); start over with "
+                               "--fresh or pass another --run-dir") from None
         if self.rank == 0:
             self.check_best_checkpoint()
             self.drop_unsaved_records()
 
     def restore(self, saved: dict) -> None:
+        """The saved run into this trainer: weights, optimizer, schedule, progress and random streams."""
         try:
             saved_config = GSASRecExperimentConfig.from_dict(saved["config"])
         except GSASRecError as error:
@@ -626,7 +627,13 @@ class Trainer:
             # The saved run's kernel choice may not exist on this device: take this device's.
             group["fused"] = self.optimizer.defaults["fused"]
         self.scheduler.load_state_dict(saved["scheduler_state"])
-        vars(self.progress).update(vars(Progress.from_dict(saved["progress"])))
+        progress = Progress.from_dict(saved["progress"])
+        kinds = {int: int, float: (int, float), type(None): (str, type(None))}  # by each field's default
+        wrong = [field.name for field in fields(Progress) if isinstance(getattr(progress, field.name), bool) or
+                 not isinstance(getattr(progress, field.name), kinds[type(field.default)])]
+        if wrong:
+            raise ValueError(f"its progress holds a wrong kind of value for {', '.join(wrong)}")
+        vars(self.progress).update(vars(progress))
         if self.averaged is not None:
             self.averaged.module.load_state_dict(saved["model_state"])
             self.averaged.n_averaged.fill_(self.progress.step)  # one update a step; 0 makes the next one a copy

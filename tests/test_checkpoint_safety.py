@@ -13,7 +13,8 @@ import train_gsasrec
 from config import GSASRecError
 from dataset_utils import dataset_directory, load_dataset
 from tests.conftest import run_script, tiny_config, write_config, write_malicious_checkpoint
-from utils import build_model, load_model, load_tensors_file, model_checkpoint, read_checkpoint, rename_parameters, run_cli
+from utils import (build_model, load_model, load_tensors_file, model_checkpoint, read_checkpoint, rename_parameters,
+                   run_cli)
 
 # The refusal, after the file's name; the parenthesis names the first Python object torch's loader refused.
 REFUSAL = r" holds Python objects other than tensors and plain values \(\S+\); refusing to load it \(weights_only\)"

@@ -2,6 +2,7 @@
 and a run folder damaged, moved or copied resumes from its training state, keeping what else in it is good."""
 import json
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import train_gsasrec
+from config import GSASRecError
 from dataset_utils import dataset_directory, load_dataset
 from tests.conftest import REPO, tiny_config, write_config
 
@@ -175,3 +177,19 @@ def test_the_best_checkpoint_the_state_names_stays_until_a_state_names_its_succe
     assert calls and len(list((tmp_path / "run").glob("gsasrec-*.pt"))) == 2
     assert Path(first).is_file() and torch.load(tmp_path / "run" / "train_state.pt", weights_only=True)[
         "progress"]["best_checkpoint"] == first
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"progress": {"step": "two"}}, r"\(ValueError: its progress holds a wrong kind of value for step\)"),
+    ({"rng_states": None}, r"\(TypeError: object of type 'NoneType' has no len\(\)\)"),
+    ({"scheduler_state": 5}, r"\(AttributeError: "),
+])
+def test_a_training_state_damaged_inside_is_one_line_naming_it(synthetic_datasets_dir, tmp_path, change, message):
+    tiny_run(tmp_path / "run", max_steps=2)
+    state = tmp_path / "run" / "train_state.pt"
+    saved = torch.load(state, weights_only=True)
+    if "progress" in change:
+        change = {"progress": {**saved["progress"], **change["progress"]}}
+    torch.save({**saved, **change}, state)
+    with pytest.raises(GSASRecError, match=f"{re.escape(str(state))} is damaged {message}.*; start over with --fresh"):
+        tiny_run(tmp_path / "run", max_steps=4)
