@@ -628,9 +628,11 @@ class Trainer:
             group["fused"] = self.optimizer.defaults["fused"]
         self.scheduler.load_state_dict(saved["scheduler_state"])
         progress = Progress.from_dict(saved["progress"])
-        kinds = {int: int, float: (int, float), type(None): (str, type(None))}  # by each field's default
-        wrong = [field.name for field in fields(Progress) if isinstance(getattr(progress, field.name), bool) or
-                 not isinstance(getattr(progress, field.name), kinds[type(field.default)])]
+        # The kinds of value each field may hold, by its default's type (a number field holds no bool).
+        kinds = {int: int, float: (int, float), type(None): (str, type(None))}
+        wrong = [field.name for field in fields(Progress)
+                 if not isinstance(value := getattr(progress, field.name), kinds.get(type(field.default), object))
+                 or (isinstance(value, bool) and type(field.default) in (int, float))]
         if wrong:
             raise ValueError(f"its progress holds a wrong kind of value for {', '.join(wrong)}")
         vars(self.progress).update(vars(progress))
