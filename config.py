@@ -1,5 +1,7 @@
 """Experiment configuration: one dataclass whose defaults are the official gSASRec port's, plus this repository's
 additions (which default to the official behaviour). Imports nothing of the project."""
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -15,6 +17,8 @@ USER_SAMPLING_MODES = ("uniform", "per_interaction")
 LOSSES = ("gbce", "softmax", "sampled_softmax")
 BLOCKS = ("sasrec", "ligr")
 ENGINES = ("fast", "reference")
+# A dataset name is a folder name under datasets/ (and part of file names): no path separators, not hidden.
+DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,9 @@ class GSASRecExperimentConfig:
             object.__setattr__(self, "metrics", tuple(self.metrics))
         self.check_types()
         checks = [
+            (DATASET_NAME.fullmatch(self.dataset_name) is not None,
+             f"dataset_name must be a folder name of letters, digits, '.', '_' and '-', got {self.dataset_name!r}"),
+            (0 <= self.seed < 2 ** 32, f"seed must be in 0..2**32 - 1, got {self.seed}"),
             (self.sequence_length >= 1, "sequence_length must be >= 1"),
             (self.embedding_dim >= 1, "embedding_dim must be >= 1"),
             (self.num_heads >= 1 and self.embedding_dim % self.num_heads == 0,
@@ -130,9 +137,10 @@ class GSASRecExperimentConfig:
             (self.user_sampling == "uniform" or self.training_window == "random",
              "user_sampling='per_interaction' needs training_window='random' (the latest windows show a user "
              "the same items every time)"),
-            (self.learning_rate > 0, "learning_rate must be > 0"),
+            (0 < self.learning_rate < math.inf, f"learning_rate must be a number > 0, got {self.learning_rate}"),
             (self.warmup_steps >= 0 and self.lr_decay_steps >= 0, "warmup_steps and lr_decay_steps must be >= 0"),
-            (self.embedding_init_std is None or self.embedding_init_std > 0, "embedding_init_std must be > 0"),
+            (self.embedding_init_std is None or 0 < self.embedding_init_std < math.inf,
+             "embedding_init_std must be a number > 0 or None"),
             (self.weight_averaging_decay is None or 0.0 < self.weight_averaging_decay < 1.0,
              "weight_averaging_decay must be in (0, 1)"),
             (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1"),

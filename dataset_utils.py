@@ -276,8 +276,8 @@ def load_dataset(directory: Path) -> DatasetSplit:
         raise GSASRecError(f"{stats_path} not found: is {directory} a prepared dataset?") from None
     except (ValueError, KeyError, TypeError):
         raise GSASRecError(f"{stats_path}: expected JSON with an integer 'num_items'") from None
-    if num_items < 1:
-        raise GSASRecError(f"{stats_path}: num_items must be at least 1, got {num_items}")
+    if num_items < 2:
+        raise GSASRecError(f"{stats_path}: num_items must be at least 2 (there is nothing to rank), got {num_items}")
     files = {}
     for name in SPLIT_FILES:
         path = directory / name

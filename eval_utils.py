@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from config import GSASRecError
 from dataset_utils import Sequences, length_groups
-from gsasrec import GSASRec, SelfAttentionBlock, additive_mask
+from gsasrec import GSASRec, SelfAttentionBlock
 
 # Tuning constants; the figures that chose them are in docs/performance.md.
 # On a CPU, activations of about this many positions fit the caches, which makes a forward pass markedly faster.
@@ -77,8 +77,7 @@ def chunked_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torc
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_bias,
                                               is_causal=attention_bias is None)
     if attention_bias is None:
-        attention_bias = additive_mask(torch.ones(length, length, dtype=torch.bool, device=query.device).tril(),
-                                       query.dtype)
+        attention_bias = torch.full((length, length), float("-inf"), dtype=query.dtype, device=query.device).triu_(1)
     return torch.cat([F.scaled_dot_product_attention(query[:, :, start:start + CPU_QUERY_CHUNK],
                                                      key[:, :, :start + CPU_QUERY_CHUNK],
                                                      value[:, :, :start + CPU_QUERY_CHUNK],
@@ -335,5 +334,5 @@ def plot_reliability_diagrams(reports: dict[str, dict], path: str) -> None:
                                                    f"overconfidence {report['overconfidence']:.2f}x")
         axis.legend(loc="upper left", fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, format="png")  # whatever the name ends in: a script writes a temporary first
     plt.close(figure)

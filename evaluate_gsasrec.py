@@ -8,10 +8,11 @@ import json
 import time
 from pathlib import Path
 
+from config import GSASRecError
 from dataset_utils import ensure_dataset, load_dataset
 from eval_utils import plot_reliability_diagrams, ranking_metrics, recommend_batched, top1_calibration
-from utils import (CommandLineParser, load_config, model_from_checkpoint, output_file, whole_number_at_least,
-                   read_checkpoint, resolve_device, run_cli, write_official_checkpoint)
+from utils import (CommandLineParser, atomic_write, checkpoint_config, load_config, model_from_checkpoint, output_file,
+                   read_checkpoint, resolve_device, run_cli, whole_number_at_least, write_official_checkpoint)
 
 
 def print_calibration(report: dict) -> None:
@@ -44,27 +45,40 @@ def main() -> None:
     args = parser.parse_args()
     if args.plot and not args.calibration:
         parser.error("--plot needs --calibration")
+    if args.write_official and (args.output or args.calibration):
+        parser.error("--write-official only converts the checkpoint; it writes no metrics (drop --output, "
+                     "--calibration)")
+    if args.checkpoint and args.checkpoint_path:
+        parser.error("give the checkpoint once: --checkpoint PATH or PATH")
     checkpoint_path = args.checkpoint or args.checkpoint_path
     if not checkpoint_path:
         parser.error("give a checkpoint: --checkpoint PATH (or PATH)")
-    output, plot = output_file(args.output, "--output"), output_file(args.plot, "--plot")
-    official_output = output_file(args.write_official, "--write-official")
+    if args.plot and Path(args.plot).suffix.lower() != ".png":
+        parser.error(f"--plot {args.plot}: the reliability diagram is a PNG; give a name ending in .png")
+    if args.output and args.plot and Path(args.output).resolve() == Path(args.plot).resolve():
+        parser.error("--output and --plot name the same file")
+    reads = tuple(Path(path) for path in (checkpoint_path, args.config) if path)
+    output, plot = output_file(args.output, "--output", reads), output_file(args.plot, "--plot", reads)
+    official_output = output_file(args.write_official, "--write-official", reads)
+    device = resolve_device(args.device)
     config = load_config(args.config) if args.config else None
     checkpoint = read_checkpoint(checkpoint_path, config)
     if official_output:
         write_official_checkpoint(checkpoint, official_output)
         print(f"Wrote {args.write_official} (official-port format: evaluate it with its config)")
         return
-    dataset_name = (config.dataset_name if config else checkpoint["config"]["dataset_name"])
+    dataset_name = (config or checkpoint_config(checkpoint, checkpoint_path)).dataset_name
     dataset = load_dataset(ensure_dataset(dataset_name, args.source))
     model, config = model_from_checkpoint(checkpoint, config, dataset.num_items, checkpoint_path)
-    model = model.to(resolve_device(args.device))
+    model = model.to(device)
     made = checkpoint.get("training")
     if made:
         print(f"trained {made['steps']} steps in {made['seconds'] / 60:.1f} min on {made['device']} "
               f"({made['threads']} threads, torch {made['torch']}, {made['world_size']} process(es))")
     inputs, targets = ((dataset.test_input, dataset.test_target) if args.split == "test"
                        else (dataset.val_input, dataset.val_target))
+    if args.calibration and args.bins > len(targets):
+        raise GSASRecError(f"--bins {args.bins}: more bins than the {len(targets)} {args.split} users")
     softmax_probabilities = args.calibration and config.predicts_softmax
     started = time.perf_counter()
     recommended, scores = recommend_batched(model, inputs, config.recommendation_limit, config.filter_rated,
@@ -80,10 +94,11 @@ def main() -> None:
         result["calibration"] = top1_calibration(recommended, scores, targets, args.bins, softmax_probabilities)
         print_calibration(result["calibration"])
         if plot:
-            plot_reliability_diagrams({Path(checkpoint_path).name[:40]: result["calibration"]}, plot)
+            atomic_write(plot, lambda temporary: plot_reliability_diagrams(
+                {Path(checkpoint_path).name[:40]: result["calibration"]}, temporary))
             print(f"Reliability diagram saved to {plot}")
     if output:
-        output.write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write(output, lambda temporary: temporary.write_text(json.dumps(result, indent=2) + "\n"))
 
 
 if __name__ == "__main__":

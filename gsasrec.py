@@ -1,11 +1,10 @@
-"""The gSASRec network and the paper's formulas: SASRec's causal Transformer with a separate output item embedding,
-the gamma score transform and gBCE (Petrov & Macdonald, RecSys '23), and the softmax losses it is compared with.
-
-Importable on its own (torch only). Item ids run 1..num_items, num_items + 1 is padding, 0 is never an item.
-Sequences are left-padded; the prediction for a sequence is read at its last position. Speed-only variants of
-these computations live with the code that needs them (fast_training.py, eval_utils.py), tested equal to this.
+"""The gSASRec network and the paper's formulas (Petrov & Macdonald, RecSys '23): SASRec's causal Transformer with a
+separate output item embedding, the gamma score transform and gBCE, and the softmax losses it is compared with.
+Torch only. Item ids run 1..num_items, num_items + 1 is padding, 0 is never an item; sequences are left-padded and
+read at their last position. Speed-only variants live in fast_training.py and eval_utils.py, tested equal to this.
 """
 import math
+import numbers
 from typing import Callable
 
 import torch
@@ -14,11 +13,6 @@ from torch import nn
 
 # Makes a dropout module from a rate: nn.Dropout here; fast_training.BitFieldDropout draws cheaper masks on CPUs.
 DropoutFactory = Callable[[float], nn.Module]
-
-
-def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The attention mask as a bias added to the logits: 0 where `allowed`, -inf elsewhere."""
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
 class CausalAttention(nn.Module):
@@ -39,16 +33,11 @@ class CausalAttention(nn.Module):
         batch, heads, length, head_dim = x.shape
         return x.transpose(1, 2).reshape(batch, length, heads * head_dim)
 
-    @property
-    def drops_attention(self) -> bool:
-        """Whether attention weights get dropout, which needs the written-out attention and its mask tensor."""
-        return self.training and self.dropout_rate > 0
-
     def attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_bias: torch.Tensor | None, causal: bool) -> torch.Tensor:
         """softmax(Q K^T / sqrt(d) + bias) V per head: PyTorch's fused kernel, or written out where the weights get
         dropout (a test holds the two equal). bias None means plain causal attention (causal) or none at all."""
-        if not self.drops_attention:
+        if not (self.training and self.dropout_rate > 0):
             return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_bias,
                                                   is_causal=causal and attention_bias is None)
         batch, heads, length, head_dim = query.shape
@@ -77,16 +66,14 @@ class SelfAttentionBlock(CausalAttention):
 
     def forward(self, seq: torch.Tensor, attention_bias: torch.Tensor | None, is_item: torch.Tensor,
                 last_position_only: bool = False) -> torch.Tensor:
-        """attention_bias: (batch, 1, L, L), 0 where a query may attend to a key and -inf elsewhere; None for
-        plain causal attention (no padding). With last_position_only, only the last position's output is
-        computed (its keys still span the sequence)."""
+        """attention_bias: GSASRec.attention_bias's additive mask, None for plain causal attention. With
+        last_position_only, only the last position's output is computed (its keys still span the sequence)."""
         normed = self.attention_norm(seq[:, -1:] if last_position_only else seq)
         query = self.split_heads(self.query(normed))
         key, value = self.split_heads(self.key(seq)), self.split_heads(self.value(seq))
         if last_position_only and attention_bias is not None:
             attention_bias = attention_bias[:, :, -1:]
-        # The last position may attend to every key: with no mask there is nothing to hide from it.
-        attended = self.attention(query, key, value, attention_bias, causal=not last_position_only)
+        attended = self.attention(query, key, value, attention_bias, causal=not last_position_only)  # last: sees all
         output = self.feed_forward_output(normed + self.merge_heads(attended))
         return output * (is_item[:, -1:] if last_position_only else is_item)
 
@@ -96,8 +83,7 @@ class SelfAttentionBlock(CausalAttention):
 
 
 class SwiGLU(nn.Module):
-    """The gated feed-forward W2 (SiLU(W x) * V x) of Shazeer's "GLU Variants Improve Transformer", without
-    biases; W and V are one (2H x E) product."""
+    """Shazeer's gated feed-forward W2 (SiLU(W x) * V x), without biases; W and V are one (2H x E) product."""
 
     def __init__(self, embedding_dim: int, hidden_dim: int, dropout_rate: float, dropout: DropoutFactory = nn.Dropout):
         super().__init__()
@@ -146,10 +132,9 @@ class LiGRBlock(CausalAttention):
 
 
 class GSASRec(nn.Module):
-    """SASRec's architecture (with block="ligr", LiGR blocks instead of SASRec's); scores are dot products of the last
-    hidden state with an output item table that is separate from the input one unless reuse_item_embeddings
-    (vanilla SASRec). With sparse_item_gradients the item tables get sparse gradients (rows a batch touched only),
-    for torch.optim.SparseAdam on large catalogues. dropout makes the dropout modules (nn.Dropout by default)."""
+    """SASRec's architecture (block="ligr": LiGR blocks); scores are dot products of the last hidden state with an
+    output item table, separate from the input one unless reuse_item_embeddings (vanilla SASRec). sparse_item_gradients
+    for torch.optim.SparseAdam on large catalogues; dropout makes the dropout modules (nn.Dropout by default)."""
 
     def __init__(self, num_items: int, sequence_length: int = 200, embedding_dim: int = 256, num_heads: int = 4,
                  num_blocks: int = 3, dropout_rate: float = 0.0, reuse_item_embeddings: bool = False,
@@ -157,8 +142,20 @@ class GSASRec(nn.Module):
                  sparse_item_gradients: bool = False, block: str = "sasrec", feed_forward_multiplier: int = 4,
                  dropout: DropoutFactory = nn.Dropout):
         super().__init__()
-        if num_items < 1:
-            raise ValueError(f"num_items must be at least 1, got {num_items}")
+        sizes = dict(num_items=num_items, sequence_length=sequence_length, embedding_dim=embedding_dim,
+                     num_heads=num_heads, num_blocks=num_blocks, feed_forward_multiplier=feed_forward_multiplier)
+        for name, size in sizes.items():
+            if isinstance(size, bool) or not isinstance(size, numbers.Integral):
+                raise TypeError(f"{name} must be a whole number, got {size!r}")
+            if size < 1:
+                raise ValueError(f"{name} must be at least 1, got {size}")
+        if embedding_dim % num_heads:
+            raise ValueError(f"num_heads ({num_heads}) must divide embedding_dim ({embedding_dim})")
+        if not (isinstance(dropout_rate, (int, float)) and 0 <= dropout_rate < 1):
+            raise ValueError(f"dropout_rate must be a number in [0, 1), got {dropout_rate!r}")
+        if embedding_init_std is not None and not (isinstance(embedding_init_std, (int, float))
+                                                   and 0 < embedding_init_std < math.inf):
+            raise ValueError(f"embedding_init_std must be a number > 0 or None, got {embedding_init_std!r}")
         blocks = {"sasrec": lambda: SelfAttentionBlock(embedding_dim, num_heads, dropout_rate, dropout),
                   "ligr": lambda: LiGRBlock(embedding_dim, num_heads, dropout_rate, feed_forward_multiplier, dropout)}
         if block not in blocks:
@@ -184,13 +181,10 @@ class GSASRec(nn.Module):
 
     @torch.no_grad()
     def start_scores_at(self, score: float) -> None:
-        """Initialises every item's score near `score`, as a classifier's bias is set to the prior log-odds.
-
-        The model has no output bias, but the final LayerNorm's bias can act as one: its output minus the bias
-        has zero mean over features, so with that bias all ones, a shift of score / E on every output embedding
-        adds exactly `score` to every score. Starting near log(1 / num_items) leaves the sampled negatives
-        near their optimum; from a zero start, pushing them down first collapses the hidden state to a
-        popularity model, which with many negatives takes thousands of steps to undo."""
+        """Initialises every item's score near `score`, as a classifier's bias starts at the prior log-odds: with the
+        final LayerNorm's bias all ones (its output less the bias has zero mean), score / E added to every output
+        embedding adds `score` to every score. Near log(1 / num_items) the sampled negatives start near their
+        optimum; from zero, pushing them down first collapses the model to popularity."""
         self.final_norm.bias.fill_(1.0)
         self.output_item_embeddings.add_(score / self.embedding_dim)
 
@@ -203,6 +197,7 @@ class GSASRec(nn.Module):
     def forward(self, input: torch.Tensor, last_position_only: bool = False) -> torch.Tensor:
         """(batch, length) left-padded item ids -> (batch, length, E) hidden states ((batch, 1, E) with
         last_position_only, which skips the last block's work on every other position)."""
+        check_item_ids("input", input)  # kind and shape only: forward runs on every training step
         return self.encode(self.item_embedding(input), input != self.padding_id, last_position_only)
 
     def encode(self, item_vectors: torch.Tensor, is_item: torch.Tensor, last_position_only: bool = False
@@ -222,15 +217,15 @@ class GSASRec(nn.Module):
         return self.final_norm(seq)
 
     def attention_bias(self, is_item: torch.Tensor) -> torch.Tensor | None:
-        """The (batch, 1, L, L) additive mask: causal, keys restricted to real items, and each position sees itself
-        so rows of padding never become all-masked. None where plain causal attention will do (no padding, and
-        no attention dropout, whose written-out attention needs the tensor)."""
-        if bool(is_item.all()) and not any(block.drops_attention for block in self.blocks):
+        """The (batch, 1, L, L) additive mask: causal, keys restricted to real items, each position seeing itself so
+        no row is all-masked. None for plain causal attention (no padding, no attention dropout to write out)."""
+        if bool(is_item.all()) and not (self.training and self.blocks[0].dropout_rate > 0):
             return None
         length = is_item.shape[1]
         causal = torch.ones(length, length, dtype=torch.bool, device=is_item.device).tril()
         allowed = causal & (is_item.transpose(1, 2) | torch.eye(length, dtype=torch.bool, device=is_item.device))
-        return additive_mask(allowed, self.position_embedding.weight.dtype).unsqueeze(1)
+        bias = torch.zeros(allowed.shape, dtype=self.position_embedding.weight.dtype, device=allowed.device)
+        return bias.masked_fill_(~allowed, float("-inf")).unsqueeze(1)
 
     @torch.no_grad()
     def get_predictions(self, input: torch.Tensor, limit: int, rated: torch.Tensor | None = None
@@ -239,12 +234,16 @@ class GSASRec(nn.Module):
 
         Id 0, the padding id and, if given, the `rated` ids ((batch, n) tensor, padding_id where unused)
         are never returned."""
+        check_item_ids("input", input, self.num_items)
+        if rated is not None:
+            check_item_ids("rated", rated, self.num_items, rows=len(input))
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= self.num_items:
+            raise ValueError(f"limit must be a whole number in 1..{self.num_items} (the catalogue), got {limit!r}")
         return self.top_items(self.forward(input, last_position_only=True)[:, -1, :], limit, rated)
 
     def top_items(self, last_hidden: torch.Tensor, limit: int, rated: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        """get_predictions from the (batch, E) last hidden states: the whole catalogue scored, non-candidates
-        excluded (without_non_candidates), the best `limit` kept."""
+        """get_predictions from the (batch, E) last hidden states: the catalogue scored, non-candidates excluded."""
         scores = self.without_non_candidates(last_hidden @ self.output_item_embeddings.T, rated)
         top_scores, top_items = scores.topk(limit, dim=1)
         return top_items, top_scores
@@ -252,14 +251,25 @@ class GSASRec(nn.Module):
     def without_non_candidates(self, scores: torch.Tensor, rated: torch.Tensor | None) -> torch.Tensor:
         """Catalogue scores (batch, num_items + 2) with id 0, the padding id and the `rated` ids set to -inf, in
         place."""
-        scores[:, 0] = float("-inf")
-        scores[:, self.padding_id] = float("-inf")
+        scores[:, [0, self.padding_id]] = float("-inf")
         if rated is not None:
             # index_put_ rather than scatter_, which copies a bf16 table whole.
             rows = torch.arange(len(scores), device=scores.device).unsqueeze(1).expand(rated.shape)
             scores.index_put_((rows, rated.to(torch.int64)), torch.tensor(float("-inf"), dtype=scores.dtype,
                                                                            device=scores.device))
         return scores
+
+
+def check_item_ids(name: str, ids: torch.Tensor, num_items: int | None = None, rows: int | None = None) -> None:
+    """A ValueError naming the argument unless ids is a (batch, length) integer tensor (of `rows` rows), and, where
+    num_items is given, its ids are items 1..num_items or the padding id: not an IndexError deep inside."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+        got = f"shape {tuple(ids.shape)}, {ids.dtype}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"{name} must be a (batch, length) tensor of int64 or int32 item ids, got {got}")
+    if rows is not None and len(ids) != rows:
+        raise ValueError(f"{name} must have a row for each of the {rows} input rows, got {len(ids)}")
+    if num_items is not None and ids.numel() and not bool(((ids >= 1) & (ids <= num_items + 1)).all()):
+        raise ValueError(f"{name} holds ids outside 1..{num_items} (the items) and {num_items + 1} (padding)")
 
 
 def gbce_alpha(negatives_per_positive: int, num_items: int) -> float:
@@ -293,17 +303,14 @@ def gbce_loss(positive_scores: torch.Tensor, negative_scores: torch.Tensor, beta
 def sampled_softmax_loss(positive_scores: torch.Tensor, negative_scores: torch.Tensor,
                          negative_shift: float = 0.0) -> torch.Tensor:
     """Cross-entropy of the positive among itself and its k sampled negatives, averaged over positions:
-    log(exp(s+) + sum_i exp(s-_i + shift)) - s+. positive_scores: (n,), negative_scores: (n, k).
-
-    negative_shift is the log-Q correction: with k uniform draws from |I| items each negative stands for |I| / k
-    items, so shift = log(|I| / k) (logq_shift) makes the denominator an estimate of the full softmax's."""
+    log(exp(s+) + sum_i exp(s-_i + shift)) - s+; positive_scores (n,), negative_scores (n, k). The log-Q correction
+    shift = log(|I| / k) (logq_shift) makes each negative stand for |I| / k items, as k uniform draws do."""
     logits = torch.cat([positive_scores.unsqueeze(1), negative_scores + negative_shift], dim=1)
     return (logits.logsumexp(1) - positive_scores).mean()
 
 
 def logq_shift(negatives_per_positive: int, num_items: int) -> float:
-    """-log(k * Q(i)) for k uniform draws, Q(i) = 1 / |I|: the score shift of each negative under the log-Q
-    correction."""
+    """-log(k * Q(i)) for k uniform draws, Q(i) = 1 / |I|: each negative's score shift under the log-Q correction."""
     return math.log(num_items / negatives_per_positive)
 
 

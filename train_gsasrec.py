@@ -12,7 +12,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 
@@ -29,10 +29,10 @@ from config import GSASRecError, GSASRecExperimentConfig
 from dataset_utils import DatasetSplit, ensure_dataset, epoch_sampler, load_dataset, training_batch
 from eval_utils import evaluate, has_native_bf16
 from gsasrec import GSASRec, gbce_beta, gbce_loss, logq_shift, sampled_softmax_loss, softmax_loss
-from utils import (CommandLineParser, StopRequest, apply_overrides, atomic_save, build_model, checkpoint_name,
-                   cpu_weights, drop_log_records_after, init_distributed, load_config, machine_description,
-                   model_checkpoint, read_training_state, restore_rng_state, rng_state, run_cli, weights_digest,
-                   with_checked_metrics)
+from utils import (CommandLineParser, Progress, StopRequest, apply_overrides, atomic_save, build_model, check_tensors,
+                   checkpoint_name, cpu_weights, drop_log_records_after, init_distributed, load_config,
+                   machine_description, model_checkpoint, read_training_state, restore_rng_state, rng_state, run_cli,
+                   saved_fields, usable_best_checkpoint, weights_digest, with_checked_metrics, writable_folder)
 
 # Transparent huge pages for PyTorch's large CPU tensors, read at its first large allocation (docs/performance.md).
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
@@ -111,28 +111,6 @@ def build_optimizer(model: GSASRec, config: GSASRecExperimentConfig, in_backward
     return fast_training.build_optimizer(model, config, in_backward)
 
 
-# Reasons that end a run (unless a rerun's config allows more); the others (Trainer.stop_reason) pause it.
-ENDING_REASONS = ("early stopping", "max_epochs")
-
-
-@dataclass
-class Progress:
-    """Where a run stands: saved in the training state, updated in place by the Trainer."""
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    epoch_loss_sum: float = 0.0
-    best_metric: float = -math.inf
-    best_checkpoint: str | None = None
-    epochs_without_improvement: int = 0
-    elapsed_seconds: float = 0.0
-    stopped: str | None = None  # None while it runs
-
-    @property
-    def finished(self) -> bool:
-        return self.stopped in ENDING_REASONS
-
-
 def comparable(config: GSASRecExperimentConfig) -> dict:
     """The config less its budgets, which a resumed run may change."""
     return {name: value for name, value in config.__dict__.items() if name not in BUDGET_FIELDS}
@@ -198,20 +176,42 @@ class Trainer:
                                          progress=asdict(self.progress), training=self.training_record(),
                                          **raw_weights),
                         self.state_path)
+            # Superseded best checkpoints go only once the saved state names the new one.
+            for checkpoint in self.run_dir.glob("gsasrec-*.pt"):
+                if str(checkpoint) != self.progress.best_checkpoint:
+                    checkpoint.unlink()
 
     def load_state(self) -> None:
+        """Resumes from the run folder's training state, whatever else in the folder is damaged."""
         saved = read_training_state(self.state_path, STATE_KEYS)
         if comparable(GSASRecExperimentConfig.from_dict(saved["config"])) != comparable(self.config):
             raise GSASRecError(f"{self.run_dir} holds a run with a different config; pass --run-dir to start a "
                                "new run elsewhere or --fresh to overwrite it")
-        self.model.load_state_dict(saved.get("training_model_state", saved["model_state"]))
+        try:
+            self.restore(saved)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as error:
+            detail = (str(error).strip().splitlines() or ["no details"])[0]
+            raise GSASRecError(f"{self.state_path} is damaged ({type(error).__name__}: {detail}); start over with "
+                               "--fresh or pass another --run-dir") from None
+        if self.rank == 0:
+            self.progress.best_checkpoint, problem = usable_best_checkpoint(self.run_dir, self.progress.best_checkpoint)
+            if problem:
+                self.progress.best_metric = -math.inf
+                self.say(f"Note: the best checkpoint is unusable ({problem}); the next model validated from step "
+                         f"{self.config.selection_start_step} on becomes the best")
+            self.drop_unsaved_records()
+
+    def restore(self, saved: dict) -> None:
+        """The saved run into this trainer: weights, optimizer, schedule, progress and random streams."""
+        weights = saved.get("training_model_state", saved["model_state"])
+        check_tensors(weights, self.model.state_dict(), f"{self.state_path} is damaged", official=False)
+        self.model.load_state_dict(weights)
         self.optimizer.load_state_dict(saved["optimizer_state"])
         for group in self.optimizer.param_groups:
             # The saved run's kernel choice may not exist on this device: take this device's.
             group["fused"] = self.optimizer.defaults["fused"]
         self.scheduler.load_state_dict(saved["scheduler_state"])
-        known = {field.name for field in fields(Progress)}
-        vars(self.progress).update({name: value for name, value in saved["progress"].items() if name in known})
+        vars(self.progress).update(saved_fields(Progress, saved["progress"]))
         if self.averaged is not None:
             self.averaged.module.load_state_dict(saved["model_state"])
             self.averaged.n_averaged.fill_(self.progress.step)  # one update a step; 0 makes the next one a copy
@@ -224,9 +224,12 @@ class Trainer:
             self.say(f"The run was saved {where}: random streams restart from the seed and the step")
             torch.manual_seed(self.config.seed + self.rank + self.progress.step)
             self.generator.manual_seed(self.config.seed + self.rank + self.progress.step)
-        if self.rank == 0:
-            # A run killed between logging an epoch and saving its state redoes that epoch: log it once.
-            drop_log_records_after(self.run_dir / LOG_FILE, self.progress.step)
+
+    def drop_unsaved_records(self) -> None:
+        """A run killed between logging an epoch and saving its state redoes that epoch: it is logged once. Log
+        lines that are not whole records (a write cut short, an edit) go too."""
+        if damaged := drop_log_records_after(self.run_dir / LOG_FILE, self.progress.step):
+            self.say(f"Note: {self.run_dir / LOG_FILE} had {damaged} damaged line(s), now dropped; the rest is kept")
 
     def tick(self) -> None:
         """Adds the wall-clock time since the last tick to the run's elapsed time."""
@@ -317,13 +320,10 @@ class Trainer:
             return
         progress.best_metric = metric
         progress.epochs_without_improvement = 0
-        previous = progress.best_checkpoint
         best_path = self.run_dir / checkpoint_name(self.config, progress.step, metric)
         atomic_save(model_checkpoint(self.evaluated_model, self.config, step=progress.step, epoch=progress.epoch,
                                      val_metrics=validation, training=self.training_record()), best_path)
-        progress.best_checkpoint = str(best_path)
-        if previous and Path(previous) != best_path:
-            Path(previous).unlink(missing_ok=True)
+        progress.best_checkpoint = str(best_path)  # the previous one goes once the state names this one (save_state)
 
     def pause(self, reason: str) -> Progress:
         """Saves the state of a run stopped by a budget or a signal, and says how to go on."""
@@ -347,6 +347,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             for unfinished in self.run_dir.glob(".*.tmp"):  # a write that a killed process did not finish
                 unfinished.unlink()
+            if not self.state_path.is_file():
+                self.drop_unsaved_records()  # a first epoch logged, then killed before its state was saved
         if self.state_path.is_file():
             self.load_state()
             if progress.finished:
@@ -416,9 +418,7 @@ def main() -> None:
     if args.seed is not None:
         config = replace(config, seed=args.seed)
         default_run_name += f"-seed{args.seed}"
-    run_dir = Path(args.run_dir or Path("models") / default_run_name)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise GSASRecError(f"--run-dir {run_dir} is a file; a run folder holds the state, log and checkpoints")
+    run_dir = writable_folder(args.run_dir or Path("models") / default_run_name, "--run-dir")
     rank, world_size, device = init_distributed(args.device)
     if rank == 0:
         if args.fresh:

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import os
+import pickle
 import platform
 import re
 import signal
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.torch_version import TorchVersion
 
 from config import GSASRecError, GSASRecExperimentConfig
 from dataset_utils import Sequences, offsets_from_lengths
@@ -29,6 +31,18 @@ from fast_training import BitFieldDropout
 from gsasrec import GSASRec
 
 CHECKPOINT_FORMAT = "gsasrec-pytorch-checkpoint-1"
+# The one Python class a file of ours may hold besides tensors and plain values: the torch version that training
+# records stored before they stored it as text (a str subclass, rebuilt from its text; nothing runs).
+EARLIER_CHECKPOINT_CLASSES = [TorchVersion]
+# The fields of a checkpoint of ours and what each must hold; all but "training" (how it was made) are required.
+CHECKPOINT_FIELDS = {
+    "config": lambda value: isinstance(value, dict) and all(isinstance(name, str) for name in value),
+    "num_items": lambda value: isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+    "model_state": lambda value: isinstance(value, dict) and all(isinstance(tensor, torch.Tensor)
+                                                                 for tensor in value.values()),
+    "training": lambda value: isinstance(value, dict) and {"seconds", "steps", "world_size", "device", "threads",
+                                                           "torch"} <= set(value),
+}
 
 
 def load_config(path: str) -> GSASRecExperimentConfig:
@@ -118,16 +132,27 @@ def build_model(config: GSASRecExperimentConfig, num_items: int) -> GSASRec:
                    feed_forward_multiplier=config.ligr_feed_forward_multiplier, dropout=dropout)
 
 
-def resolve_device(name: str | None = None) -> torch.device:
-    """The named device, else CUDA when present, else the CPU."""
-    if name:
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise GSASRecError(f"device {name!r} requested but CUDA is not available")
-        try:
-            return torch.device(name)
-        except RuntimeError:
-            raise GSASRecError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(name: str | torch.device | None = None) -> torch.device:
+    """The named device, else CUDA when present, else the CPU; one this machine does not have is refused here
+    rather than at the first tensor moved to it."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(name, (str, torch.device)):
+        raise TypeError(f"device must be a name such as 'cpu' or 'cuda:0', or a torch.device, got {name!r}")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise GSASRecError(f"unknown device {str(name)!r}: use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GSASRecError(f"device {str(name)!r} requested but CUDA is not available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise GSASRecError(f"device {str(name)!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                           f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise GSASRecError(f"device {str(name)!r} requested but MPS is not available")
+    return device
 
 
 def init_distributed(device_name: str | None) -> tuple[int, int, torch.device]:
@@ -183,7 +208,7 @@ def machine_description(device: torch.device) -> dict:
                                                              else []) if line.startswith("model name")]
         name = models[0] if models else platform.processor() or platform.machine()
     return {"device": name, "threads": torch.get_num_threads(), "native_bf16": has_native_bf16(device),
-            "torch": torch.__version__}
+            "torch": str(torch.__version__)}
 
 
 def checkpoint_name(config: GSASRecExperimentConfig, step: int, metric_value: float) -> str:
@@ -246,23 +271,53 @@ def rename_parameters(state: dict[str, torch.Tensor], to_official: bool) -> dict
     return renamed
 
 
+def load_tensors_file(path: Path, what: str) -> object:
+    """A file torch.save wrote, read with weights_only=True: it may hold tensors and plain Python values only, so a
+    checkpoint from a stranger cannot run code when it is read. A failure is one line naming the file."""
+    try:
+        with torch.serialization.safe_globals(EARLIER_CHECKPOINT_CLASSES):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        unsafe = re.search(r"GLOBAL (\S+)", str(error))  # how torch names what its weights-only unpickler refused
+        if unsafe:
+            raise GSASRecError(f"{path} holds Python objects other than tensors and plain values ({unsafe[1]}); "
+                               "refusing to load it (weights_only)") from None
+        raise GSASRecError(f"{path} is not a readable {what} (UnpicklingError: damaged, or not written by "
+                           "torch.save)") from None
+    except OSError as error:
+        raise GSASRecError(f"cannot read {path}: {error.strerror or error}") from None
+    except Exception as error:
+        raise GSASRecError(f"{path} is not a readable {what} ({type(error).__name__}: damaged, truncated, or not "
+                           "written by torch.save)") from None
+
+
+def checkpoint_damage(checkpoint: dict) -> str | None:
+    """What is missing or of the wrong kind in a checkpoint of ours, or None: the scripts then need not guard
+    every field they read."""
+    missing = [name for name in CHECKPOINT_FIELDS if name not in checkpoint and name != "training"]
+    if missing:
+        return f"it has no {', '.join(missing)}"
+    wrong = [name for name, fits in CHECKPOINT_FIELDS.items() if name in checkpoint and not fits(checkpoint[name])]
+    return f"its {', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} not what a checkpoint holds" if wrong else None
+
+
 def read_checkpoint(path: str, config: GSASRecExperimentConfig | None = None) -> dict:
     """A checkpoint of this repository, or a bare state dict of the official port (which needs its config)
     wrapped as one."""
     path = Path(path)
     if not path.is_file():
         raise GSASRecError(f"checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:
-        raise GSASRecError(f"{path} is not a readable checkpoint ({type(error).__name__}: {error})") from None
+    checkpoint = load_tensors_file(path, "checkpoint")
     if isinstance(checkpoint, dict) and checkpoint.get("format") == CHECKPOINT_FORMAT:
-        missing = [key for key in ("config", "num_items", "model_state") if key not in checkpoint]
-        if missing:
-            raise GSASRecError(f"{path} is a damaged checkpoint: it has no {', '.join(missing)}")
+        damage = checkpoint_damage(checkpoint)
+        if damage:
+            raise GSASRecError(f"{path} is a damaged checkpoint: {damage}")
         return checkpoint
     if isinstance(checkpoint, dict) and "item_embedding.weight" in checkpoint and any(
-            name.startswith("transformer_blocks.") for name in checkpoint):
+            str(name).startswith("transformer_blocks.") for name in checkpoint):
+        if not all(isinstance(name, str) and isinstance(value, torch.Tensor) for name, value in checkpoint.items()):
+            raise GSASRecError(f"{path} is a damaged official-port checkpoint: it holds something other than "
+                               "named tensors")
         if config is None:
             raise GSASRecError(f"{path} is an official-port checkpoint (weights only, no config): give its "
                                "config, e.g. --config=config_ml1m.py")
@@ -274,7 +329,11 @@ def official_checkpoint(official_state: dict, config: GSASRecExperimentConfig, p
     """An official-port state dict as this repository's checkpoint (the item count comes from the embedding
     table); its tensors are checked against the config's model when the model is built."""
     model_state = rename_parameters(official_state, to_official=False)
-    num_items = model_state["item_embedding.weight"].shape[0] - 2
+    table = model_state["item_embedding.weight"]
+    if table.dim() != 2 or len(table) < 3:
+        raise GSASRecError(f"{path} is a damaged official-port checkpoint: its item_embedding.weight is "
+                           f"{tuple(table.shape)}, not (items + 2, embedding_dim)")
+    num_items = len(table) - 2
     return {"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(config), "num_items": num_items,
             "model_state": model_state, "official": True}
 
@@ -294,18 +353,94 @@ def check_tensors(model_state: dict, expected: dict, what: str, official: bool) 
                                f"{tuple(value.shape)} for it")
 
 
+# Reasons that end a run (unless a rerun's config allows more); the others (train_gsasrec's Trainer.stop_reason)
+# pause it.
+ENDING_REASONS = ("early stopping", "max_epochs")
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where a training run stands: saved in the training state, updated in place by train_gsasrec's Trainer."""
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    epoch_loss_sum: float = 0.0
+    best_metric: float = -math.inf
+    best_checkpoint: str | None = None
+    epochs_without_improvement: int = 0
+    elapsed_seconds: float = 0.0
+    stopped: str | None = None  # None while it runs
+
+    @property
+    def finished(self) -> bool:
+        return self.stopped in ENDING_REASONS
+
+
 def read_training_state(path: Path, keys: tuple[str, ...]) -> dict:
-    """A run folder's saved training state (a checkpoint with `keys` besides), or a one-line error."""
+    """A run folder's saved training state (a checkpoint with `keys` besides, tensors and plain values only), or a
+    one-line error."""
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:
-        raise GSASRecError(f"{path} is unreadable ({type(error).__name__}); start over with --fresh "
-                           "or pass another --run-dir") from None
+        saved = load_tensors_file(path, "training state")
+    except GSASRecError as error:
+        raise GSASRecError(f"{error}; start over with --fresh or pass another --run-dir") from None
     missing = [key for key in keys if not isinstance(saved, dict) or key not in saved]
     if missing:
         raise GSASRecError(f"{path} is not a training state (no {', '.join(missing)}); start over "
                            "with --fresh or pass another --run-dir")
+    try:
+        GSASRecExperimentConfig.from_dict(saved["config"])
+    except (GSASRecError, TypeError) as error:
+        raise GSASRecError(f"{path} holds a config this version refuses: {error}") from None
     return saved
+
+
+def saved_fields(cls: type, values: dict) -> dict:
+    """The fields of dataclass cls in a saved dict of them, each of its default's kind (a number field holds no
+    bool); fields this version does not know are left out, a value of the wrong kind is a ValueError."""
+    kinds = {int: int, float: (int, float), type(None): (str, type(None))}
+    known = {field.name: field.default for field in dataclasses.fields(cls)}
+    kept = {name: value for name, value in values.items() if name in known}
+    wrong = [name for name, value in kept.items()
+             if not isinstance(value, kinds.get(type(known[name]), object))
+             or (isinstance(value, bool) and type(known[name]) in (int, float))]
+    if wrong:
+        raise ValueError(f"its progress holds a wrong kind of value for {', '.join(wrong)}")
+    return kept
+
+
+def usable_best_checkpoint(run_dir: Path, saved_path: str | None) -> tuple[str | None, str | None]:
+    """(path, problem): a run's best checkpoint looked up by name in its folder, which may have been moved or
+    copied, and why it cannot be used (None, the problem) where it is missing or damaged."""
+    if saved_path is None:
+        return None, None
+    best = Path(run_dir) / Path(saved_path).name
+    try:
+        read_checkpoint(best)
+    except GSASRecError as error:
+        return None, str(error)
+    return str(best), None
+
+
+def drop_log_records_after(path: Path, step: int) -> int:
+    """Removes, atomically, the records of a JSONL training log past `step` and the lines that are not whole
+    records; returns how many of those there were."""
+    if not path.is_file():
+        return 0
+
+    def step_of(line: str) -> int | None:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return None
+        step = record.get("step") if isinstance(record, dict) else None
+        return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+    text = path.read_text(errors="replace")
+    steps = [(line, step_of(line)) for line in text.splitlines()]
+    kept = "".join(f"{line}\n" for line, line_step in steps if line_step is not None and line_step <= step)
+    if kept != text:
+        atomic_write(path, lambda temporary: temporary.write_text(kept))
+    return sum(line_step is None for _, line_step in steps)
 
 
 def rng_state(generator: torch.Generator, device: torch.device) -> dict:
@@ -326,16 +461,6 @@ def restore_rng_state(saved: dict | None, generator: torch.Generator, device: to
     return True
 
 
-def drop_log_records_after(path: Path, step: int) -> None:
-    """Removes the records of a JSONL training log whose step is past `step`, atomically."""
-    if not path.is_file():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
-    if len(kept) < len(lines):
-        atomic_write(path, lambda temporary: temporary.write_text("".join(kept)))
-
-
 def write_official_checkpoint(checkpoint: dict, path: str) -> None:
     """The checkpoint's weights as the official port saves them: a bare state dict under its parameter names."""
     block = checkpoint["config"].get("block", "sasrec")
@@ -344,16 +469,25 @@ def write_official_checkpoint(checkpoint: dict, path: str) -> None:
     atomic_save(rename_parameters(checkpoint["model_state"], to_official=True), Path(path))
 
 
+def checkpoint_config(checkpoint: dict, path: str) -> GSASRecExperimentConfig:
+    """The config a checkpoint holds, validated as any config is."""
+    try:
+        return GSASRecExperimentConfig.from_dict(checkpoint["config"])
+    except GSASRecError as error:
+        raise GSASRecError(f"{path} holds a config this version refuses: {error}") from None
+
+
 def model_from_checkpoint(checkpoint: dict, config: GSASRecExperimentConfig | None = None, num_items: int | None = None,
                           path: str = "checkpoint") -> tuple[GSASRec, GSASRecExperimentConfig]:
     """Rebuilds the model; a given config or dataset item count must agree with the checkpoint's."""
-    saved_config = GSASRecExperimentConfig.from_dict(checkpoint["config"])
+    saved_config = checkpoint_config(checkpoint, path)
     if num_items is not None and num_items != checkpoint["num_items"]:
         raise GSASRecError(f"{path} was trained on {checkpoint['num_items']} items but the dataset has {num_items}")
     if config is not None:
-        architecture = ["sequence_length", "embedding_dim", "num_heads", "num_blocks", "reuse_item_embeddings",
-                        "block", "ligr_feed_forward_multiplier"]
-        different = [name for name in architecture if getattr(config, name) != getattr(saved_config, name)]
+        # The architecture, and the loss, which says how scores read as probabilities (calibration).
+        trained_as = ["sequence_length", "embedding_dim", "num_heads", "num_blocks", "reuse_item_embeddings",
+                      "block", "ligr_feed_forward_multiplier", "loss"]
+        different = [name for name in trained_as if getattr(config, name) != getattr(saved_config, name)]
         if different:
             raise GSASRecError(f"{path} does not fit the config: " + ", ".join(
                 f"{name}={getattr(saved_config, name)} in the checkpoint, {getattr(config, name)} in the config"
@@ -372,6 +506,10 @@ def load_model(checkpoint_path: str, device: str | None = None, config: GSASRecE
                ) -> tuple[GSASRec, GSASRecExperimentConfig]:
     """A trained model in eval mode on `device` (default: CUDA if present), and its config; an official-port
     checkpoint needs its config."""
+    if not isinstance(checkpoint_path, (str, os.PathLike)):
+        raise TypeError(f"checkpoint_path must be a path (str or os.PathLike), got {checkpoint_path!r}")
+    if config is not None and not isinstance(config, GSASRecExperimentConfig):
+        raise TypeError(f"config must be a GSASRecExperimentConfig or None, got {type(config).__name__}")
     model, config = model_from_checkpoint(read_checkpoint(checkpoint_path, config), config, path=checkpoint_path)
     return model.to(resolve_device(device)).eval(), config
 
@@ -380,8 +518,12 @@ def recommend_batch(model: GSASRec, histories: list[list[int]], k: int = 10,
                     exclude_seen: bool = True) -> list[list[tuple[int, float]]]:
     """Top-k (item_id, score) for each history (item ids, oldest first), as evaluation ranks (batched by length,
     the last sequence_length items as input, the whole history excluded)."""
+    if not isinstance(model, GSASRec):
+        raise TypeError(f"model must be a GSASRec (utils.load_model gives one), got {type(model).__name__}")
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise GSASRecError(f"k must be a whole number >= 1, got {k!r}")
+    if not isinstance(exclude_seen, (bool, np.bool_)):
+        raise TypeError(f"exclude_seen must be True or False, got {exclude_seen!r}")
     try:
         histories = [history_ids(history, model.num_items) for history in histories]
     except TypeError:
@@ -426,8 +568,9 @@ class CommandLineParser(argparse.ArgumentParser):
         raise GSASRecError(f"{message} (see {self.prog} --help)")
 
 
-def output_file(path: str | None, flag: str) -> Path | None:
-    """A file a script will write, checked before any work: its folder must exist and it must not be a folder."""
+def output_file(path: str | None, flag: str, reads: tuple[Path, ...] = ()) -> Path | None:
+    """A file a script will write, checked before any work: its folder must exist and be writable, and it must be
+    neither a folder nor one of the files the script `reads`."""
     if path is None:
         return None
     path = Path(path)
@@ -435,15 +578,34 @@ def output_file(path: str | None, flag: str) -> Path | None:
         raise GSASRecError(f"{flag} {path}: is a folder; give a file name")
     if not path.parent.is_dir():
         raise GSASRecError(f"{flag} {path}: the folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise GSASRecError(f"{flag} {path}: the folder {path.parent} is not writable")
+    if any(path.resolve() == Path(read).resolve() for read in reads):
+        raise GSASRecError(f"{flag} {path}: is a file this command reads; give another name")
     return path
 
 
-def whole_number_at_least(minimum: int) -> typing.Callable[[str], int]:
-    """An argparse type for counts: a whole number of at least `minimum`, refused before any work."""
+def writable_folder(path: str, flag: str) -> Path:
+    """A folder a script will write into (made if missing), checked before any work: it, or the nearest folder
+    above it that exists, must be a writable folder."""
+    path = Path(path)
+    existing = next(folder for folder in (path, *path.absolute().parents) if folder.exists())
+    if not existing.is_dir():
+        raise GSASRecError(f"{flag} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise GSASRecError(f"{flag} {path}: {existing} is not writable")
+    return path
+
+
+def whole_number_at_least(minimum: int, maximum: int | None = None) -> typing.Callable[[str], int]:
+    """An argparse type for counts and seeds: a whole number of at least `minimum` (and at most `maximum`),
+    refused before any work."""
     def parse(text: str) -> int:
         value = int(text)
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {value}")
         return value
     parse.__name__ = "whole number"  # argparse names the type in its message for text that is no number
     return parse

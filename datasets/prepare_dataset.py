@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from config import GSASRecError  # noqa: E402
 from dataset_utils import (DATASETS_DIR, DATASETS_DIR_ENV, dataset_directory, sequences_from_pairs,  # noqa: E402
                            split_sequences, validation_user_mask, write_split_files)
-from utils import CommandLineParser, run_cli, whole_number_at_least  # noqa: E402
+from utils import CommandLineParser, run_cli, whole_number_at_least, writable_folder  # noqa: E402
 
 MIN_EVENTS_TO_SPLIT = 3
 SEPARATORS = {".csv": ",", ".tsv": "\t", ".txt": "\t"}
@@ -316,10 +316,11 @@ def parse_arguments() -> argparse.Namespace:
                         help="k-core: 0 disables (default 5)")
     parser.add_argument("--min-item-interactions", type=whole_number_at_least(0), default=5,
                         help="k-core: 0 disables (default 5)")
-    parser.add_argument("--num-val-users", type=int,
+    parser.add_argument("--num-val-users", type=whole_number_at_least(1),
                         help=f"validation users (default {DEFAULT_VAL_USERS}, or a tenth of the users when fewer "
                              f"than {DEFAULT_VAL_USERS * 10} are left)")
-    parser.add_argument("--seed", type=int, default=42, help="seed of the validation user draw (default 42)")
+    parser.add_argument("--seed", type=whole_number_at_least(0, 2 ** 32 - 1), default=42,
+                        help="seed of the validation user draw, 0..2**32 - 1 (default 42)")
     parser.add_argument("--duplicates", choices=["keep", "drop", "error"], default="keep",
                         help="events repeating a (user, item, time): keep them all (default), keep the first, or stop")
     return parser.parse_args()
@@ -331,6 +332,7 @@ def main() -> None:
         raise GSASRecError(f"--name {args.name!r}: use letters, digits, '.', '_' and '-' (not starting with '.')")
     directory = Path(args.output_dir) if args.output_dir else dataset_directory(args.name)
     check_output_directory(directory)
+    writable_folder(directory.parent, "--output-dir" if args.output_dir else "the datasets folder")
     path = Path(args.input)
     events = read_events(path, args)
     events, duplicates = apply_duplicates_policy(events, args.duplicates)

@@ -1,5 +1,5 @@
 """Shared fixtures and helpers: the real ML-1M file when available, tiny synthetic datasets written by the
-project's code, a tiny config, and running the scripts."""
+project's code, a tiny config, running the scripts, and a checkpoint that would run code when loaded."""
 import os
 import subprocess
 import sys
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -79,3 +80,22 @@ def write_config(path: Path, **overrides) -> Path:
 def run_script(*args, cwd=REPO, **kwargs) -> subprocess.CompletedProcess:
     """Runs python3 ARGS (a script of the repository and its flags), capturing its output."""
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+class CodeOnLoad:
+    """Unpickles by calling Path.touch(marker): a stand-in for any code a stranger's checkpoint could run when it is
+    loaded without weights_only."""
+
+    def __init__(self, marker: Path):
+        self.marker = Path(marker)
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def write_malicious_checkpoint(path: Path, marker: Path, contents: dict | None = None, legacy: bool = False) -> Path:
+    """torch.save of `contents` (e.g. a real checkpoint or training state, so that only the way it is loaded stands
+    between the file and its code) plus one object that creates `marker` when unpickled; legacy: torch's
+    pre-zip format."""
+    torch.save({**(contents or {}), "note": CodeOnLoad(marker)}, path, _use_new_zipfile_serialization=not legacy)
+    return Path(path)

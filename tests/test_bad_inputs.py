@@ -4,6 +4,7 @@ Scripts run in this process through run_cli, as their __main__ does: a failure m
 one 'error: ...' line on stderr; any other exception (a traceback for the user) fails the test as it is."""
 import contextlib
 import io
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,7 +19,8 @@ from dataset_utils import load_dataset
 from eval_utils import evaluate
 from gsasrec import GSASRec
 from tests.conftest import REPO, tiny_config, write_config, write_synthetic_dataset
-from utils import atomic_save, build_model, load_model, model_checkpoint, recommend, recommend_batch, run_cli
+from utils import (atomic_save, build_model, load_model, model_checkpoint, recommend, recommend_batch, resolve_device,
+                   run_cli)
 
 sys.path.insert(0, str(REPO / "datasets"))
 import prepare_dataset  # noqa: E402
@@ -29,8 +31,9 @@ def workspace(tmp_path_factory) -> SimpleNamespace:
     """Datasets (one good, several broken), a config file, a checkpoint and broken files, made once."""
     root = tmp_path_factory.mktemp("bad_inputs")
     datasets = root / "datasets"
-    for name in ("successor", "bad_id", "text", "bad_stats", "short_val", "empty_val", "one_item_users"):
+    for name in ("successor", "bad_id", "text", "bad_stats", "short_val", "empty_val", "one_item_users", "one_item"):
         write_synthetic_dataset(datasets / name)
+    (datasets / "one_item" / "dataset_stats.json").write_text('{"num_items": 1}')
     (datasets / "bad_id" / "train" / "input.txt").write_text("1 2\n3 4\n5 99\n")
     (datasets / "text" / "test" / "input.txt").write_text("1 2 three\n")
     (datasets / "bad_stats" / "dataset_stats.json").write_text('{"num_items": "forty"}')
@@ -42,13 +45,29 @@ def workspace(tmp_path_factory) -> SimpleNamespace:
     torch.manual_seed(0)
     checkpoint = root / "tiny.pt"
     atomic_save(model_checkpoint(build_model(config, 40), config), checkpoint)
-    saved = torch.load(checkpoint, weights_only=False)
+    saved = torch.load(checkpoint, weights_only=True)
+    damaged = {"refused_config": {"config": {**saved["config"], "seed": -1}},
+               "non_tensor": {"model_state": {**saved["model_state"], "final_norm.bias": [0.0] * 32}},
+               "bad_training_record": {"training": {"steps": 10}}}
+    for name, change in damaged.items():
+        torch.save({**saved, **change}, root / f"{name}.pt")
     del saved["model_state"]["final_norm.bias"]
     torch.save(saved, root / "missing_tensor.pt")
     del saved["num_items"]
     torch.save(saved, root / "no_item_count.pt")
-    torch.save({"item_embedding.weight": torch.zeros(42, 32), "transformer_blocks.0.first_norm.weight":
-                torch.zeros(32)}, root / "official.pt")
+    official = {"item_embedding.weight": torch.zeros(42, 32), "transformer_blocks.0.first_norm.weight": torch.zeros(32)}
+    torch.save(official, root / "official.pt")
+    torch.save({**official, "seq_norm.bias": "zeros"}, root / "official_non_tensor.pt")
+    torch.save({**official, "item_embedding.weight": torch.zeros(1, 32)}, root / "official_one_row.pt")
+    state_config = tiny_config(max_steps=2)  # the "ok" config file's
+    state = {**model_checkpoint(build_model(state_config, 40), state_config), "optimizer_state": {},
+             "scheduler_state": {}, "progress": {}, "rng_states": []}
+    weights = {name: value for name, value in state["model_state"].items() if name != "final_norm.bias"}
+    damaged_states = {"state_missing_tensor": {"model_state": weights},
+                      "state_refused_config": {"config": {**state["config"], "seed": -1}}}
+    for name, change in damaged_states.items():
+        (root / name).mkdir()
+        torch.save({**state, **change}, root / name / "train_state.pt")
     torch.save(torch.zeros(3), root / "tensor.pt")
     (root / "empty.pt").write_bytes(b"")
     for name, content in {"garbage": b"not a pickle", "foreign": None}.items():
@@ -72,6 +91,7 @@ def workspace(tmp_path_factory) -> SimpleNamespace:
         else:
             configs[name].write_text(text)
     write_config(root / "config_wider.py", embedding_dim=64)
+    write_config(root / "config_softmax.py", loss="softmax")
     return SimpleNamespace(root=root, datasets=datasets, ok=str(configs["ok"]), configs=configs,
                            checkpoint=str(checkpoint))
 
@@ -113,8 +133,25 @@ SCRIPT_CASES = {
     "unknown device": ("train", lambda w: train_args(w, "--device", "gpu"), "unknown device 'gpu'"),
     "--run-dir is a file": ("train", lambda w: ["--config", w.ok, "--run-dir", str(w.root / "a_file")],
                             "is a file"),
+    "--run-dir inside a file": ("train", lambda w: ["--config", w.ok, "--run-dir", str(w.root / "a_file" / "run")],
+                                "a_file is a file, not a folder"),
     "unreadable training state": ("train", lambda w: ["--config", w.ok, "--run-dir", str(w.root / "garbage")],
-                                  "train_state.pt is unreadable (UnpicklingError); start over with --fresh"),
+                                  "train_state.pt is not a readable training state (UnpicklingError"),
+    "training state missing a tensor": ("train", lambda w: ["--config", w.ok, "--run-dir",
+                                                            str(w.root / "state_missing_tensor")],
+                                        "train_state.pt is damaged: missing final_norm.bias"),
+    "training state with a refused config": ("train", lambda w: ["--config", w.ok, "--run-dir",
+                                                                 str(w.root / "state_refused_config")],
+                                             "holds a config this version refuses: invalid config: seed must be in"),
+    "--seed negative": ("train", lambda w: train_args(w, "--seed", "-1"), "seed must be in 0..2**32 - 1, got -1"),
+    "--seed too large": ("train", lambda w: train_args(w, "--seed", str(2 ** 32)), "seed must be in 0..2**32 - 1"),
+    "--set dataset_name with a path": ("train", lambda w: train_args(w, "--set", "dataset_name=../successor"),
+                                       "dataset_name must be a folder name"),
+    "--set learning_rate=inf": ("train", lambda w: train_args(w, "--set", "learning_rate=inf"),
+                                "learning_rate must be a number > 0, got inf"),
+    "--device no device type": ("train", lambda w: train_args(w, "--device", "meta"), "unknown device 'meta'"),
+    "dataset of one item": ("train", lambda w: train_args(w, "--set", "dataset_name=one_item"),
+                            "num_items must be at least 2"),
     "training state of something else": ("train", lambda w: ["--config", w.ok, "--run-dir", str(w.root / "foreign")],
                                          "is not a training state (no config, model_state"),
     "dataset not prepared": ("train", lambda w: train_args(w, "--set", "dataset_name=absent"),
@@ -154,6 +191,40 @@ SCRIPT_CASES = {
                                      "does not exist"),
     "--write-official onto a folder": ("evaluate", lambda w: [w.checkpoint, "--write-official", str(w.root / "folder")],
                                        "is a folder; give a file name"),
+    "checkpoint given twice": ("evaluate", lambda w: [w.checkpoint, "--checkpoint", w.checkpoint],
+                               "give the checkpoint once"),
+    "--output onto the checkpoint": ("evaluate", lambda w: [w.checkpoint, "--output", w.checkpoint],
+                                     "is a file this command reads"),
+    "--write-official onto the checkpoint": ("evaluate", lambda w: [w.checkpoint, "--write-official", w.checkpoint],
+                                             "is a file this command reads"),
+    "--output onto the config": ("evaluate", lambda w: [w.checkpoint, "--config", w.ok, "--output", w.ok],
+                                 "is a file this command reads"),
+    "--write-official with --output": ("evaluate", lambda w: [w.checkpoint, "--write-official", str(w.root / "o.pt"),
+                                                              "--output", str(w.root / "m.json")], "only converts"),
+    "--plot not a PNG": ("evaluate", lambda w: [w.checkpoint, "--calibration", "--plot", str(w.root / "p.pdf")],
+                         "give a name ending in .png"),
+    "--output and --plot the same": ("evaluate", lambda w: [w.checkpoint, "--calibration", "--plot",
+                                                            str(w.root / "p.png"), "--output", str(w.root / "p.png")],
+                                     "--output and --plot name the same file"),
+    "--split unknown": ("evaluate", lambda w: [w.checkpoint, "--split", "train"], "invalid choice: 'train'"),
+    "--bins not a number": ("evaluate", lambda w: [w.checkpoint, "--calibration", "--bins", "ten"],
+                            "argument --bins: invalid whole number value: 'ten'"),
+    "--bins more than the users": ("evaluate", lambda w: [w.checkpoint, "--calibration", "--bins", "301"],
+                                   "--bins 301: more bins than the 300 test users"),
+    "evaluate unknown device": ("evaluate", lambda w: [w.checkpoint, "--device", "tpu"], "unknown device 'tpu'"),
+    "config of another loss": ("evaluate", lambda w: [w.checkpoint, "--config", str(w.root / "config_softmax.py")],
+                               "loss=gbce in the checkpoint, softmax in the config"),
+    "checkpoint with a refused config": ("evaluate", lambda w: [str(w.root / "refused_config.pt")],
+                                         "holds a config this version refuses: invalid config: seed must be in"),
+    "checkpoint holding a non-tensor": ("evaluate", lambda w: [str(w.root / "non_tensor.pt")],
+                                        "non_tensor.pt is a damaged checkpoint: its model_state is not what"),
+    "checkpoint with a damaged training record": ("evaluate", lambda w: [str(w.root / "bad_training_record.pt")],
+                                                  "its training is not what a checkpoint holds"),
+    "official checkpoint holding a non-tensor": ("evaluate", lambda w: [str(w.root / "official_non_tensor.pt"),
+                                                                        "--config", w.ok],
+                                                 "damaged official-port checkpoint: it holds something other"),
+    "official checkpoint of no items": ("evaluate", lambda w: [str(w.root / "official_one_row.pt"), "--config", w.ok],
+                                        r"its item_embedding.weight is (1, 32), not (items + 2, embedding_dim)"),
     # datasets/prepare_dataset.py: flags and raw logs (the log contents have their own table in test_prepare_dataset)
     "prepare without --name": ("prepare", lambda w: ["--input", str(w.root / "log.csv")],
                                "the following arguments are required: --name"),
@@ -163,6 +234,16 @@ SCRIPT_CASES = {
                                                      "--duplicates", "merge"], "invalid choice: 'merge'"),
     "prepare unreadable Parquet": ("prepare", lambda w: ["--input", str(w.root / "log.parquet"), "--name", "x",
                                                          "--output-dir", str(w.root / "prepared")], "cannot be read"),
+    "prepare negative seed": ("prepare", lambda w: ["--input", str(w.root / "log.csv"), "--name", "x", "--seed", "-1"],
+                              "argument --seed: must be >= 0, got -1"),
+    "prepare seed too large": ("prepare", lambda w: ["--input", str(w.root / "log.csv"), "--name", "x", "--seed",
+                                                     str(2 ** 32)], "argument --seed: must be <= 4294967295"),
+    "prepare no validation users": ("prepare", lambda w: ["--input", str(w.root / "log.csv"), "--name", "x",
+                                                          "--num-val-users", "0"],
+                                    "argument --num-val-users: must be >= 1, got 0"),
+    "prepare --output-dir inside a file": ("prepare", lambda w: ["--input", str(w.root / "log.csv"), "--name", "x",
+                                                                 "--output-dir", str(w.root / "a_file" / "x")],
+                                           "a_file is a file, not a folder"),
 }
 SCRIPTS = {"train": train_gsasrec, "evaluate": evaluate_gsasrec, "prepare": prepare_dataset}
 
@@ -207,13 +288,78 @@ API_CASES = {
     "model of no items": (lambda w, m: GSASRec(num_items=0), "num_items must be at least 1"),
     "unknown metric": (lambda w, m: evaluate(m, *(lambda d: (d.test_input, d.test_target))(
         load_dataset(w.datasets / "successor")), ["Foo@10"], 10), "not an ir_measures measure"),
+    # the model's constructor
+    "item count not a whole number": (lambda w, m: GSASRec(num_items=2.5), "num_items must be a whole number"),
+    "sequence_length of 0": (lambda w, m: GSASRec(10, sequence_length=0), "sequence_length must be at least 1"),
+    "negative block count": (lambda w, m: GSASRec(10, num_blocks=-1), "num_blocks must be at least 1"),
+    "heads that do not divide the width": (lambda w, m: GSASRec(10, embedding_dim=10, num_heads=3),
+                                           r"num_heads \(3\) must divide embedding_dim \(10\)"),
+    "dropout of 1": (lambda w, m: GSASRec(10, dropout_rate=1.0), r"dropout_rate must be a number in \[0, 1\)"),
+    "init std of 0": (lambda w, m: GSASRec(10, embedding_init_std=0), "embedding_init_std must be a number > 0"),
+    "unknown block": (lambda w, m: GSASRec(10, block="transformer"), "block must be one of"),
+    # the model's forward pass and ranking
+    "input of one dimension": (lambda w, m: m(torch.tensor([1, 2, 3])),
+                               r"input must be a \(batch, length\) tensor of int64 or int32 .* shape \(3,\)"),
+    "input of floats": (lambda w, m: m(torch.ones(2, 3)),
+                        r"input must be .* got shape \(2, 3\) and dtype torch.float32"),
+    "input not a tensor": (lambda w, m: m.get_predictions([[1, 2]], 5), "input must be .* got a list"),
+    "input id past the padding": (lambda w, m: m.get_predictions(torch.tensor([[1, 42]]), 5),
+                                  r"input holds ids outside 1..40 \(the items\) and 41 \(padding\)"),
+    "input id 0": (lambda w, m: m.get_predictions(torch.tensor([[0, 5]]), 5), "input holds ids outside"),
+    "limit of 0": (lambda w, m: m.get_predictions(torch.tensor([[1, 2]]), 0), r"limit must be a whole number in 1..40"),
+    "limit past the catalogue": (lambda w, m: m.get_predictions(torch.tensor([[1, 2]]), 41), "limit must be"),
+    "rated of another batch": (lambda w, m: m.get_predictions(torch.tensor([[1, 2]]), 5, torch.tensor([[1], [2]])),
+                               "rated must have a row for each of the 1 input rows, got 2"),
+    "rated id out of range": (lambda w, m: m.get_predictions(torch.tensor([[1, 2]]), 5, torch.tensor([[99]])),
+                              "rated holds ids outside"),
+    # loading and recommending
+    "checkpoint path not a path": (lambda w, m: load_model(3), "checkpoint_path must be a path"),
+    "config not a config": (lambda w, m: load_model(w.checkpoint, config={"embedding_dim": 32}),
+                            "config must be a GSASRecExperimentConfig or None, got dict"),
+    "device not a name": (lambda w, m: load_model(w.checkpoint, device=0), "device must be a name such as 'cpu'"),
+    "unknown device": (lambda w, m: load_model(w.checkpoint, device="tpu"), "unknown device 'tpu'"),
+    "recommend without a model": (lambda w, m: recommend("model.pt", [1, 2]), "model must be a GSASRec"),
+    "exclude_seen not a bool": (lambda w, m: recommend(m, [1, 2], exclude_seen="no"),
+                                "exclude_seen must be True or False"),
+    "config seed negative": (lambda w, m: GSASRecExperimentConfig(seed=-1), r"seed must be in 0..2\*\*32 - 1"),
 }
 
 
 @pytest.mark.parametrize("case", API_CASES)
 def test_a_bad_python_api_call_raises_an_error_a_user_understands(workspace, model, case):
     call, message = API_CASES[case]
-    with pytest.raises((GSASRecError, ValueError), match=message) as raised:
+    with pytest.raises((GSASRecError, ValueError, TypeError), match=message) as raised:
         call(workspace, model)
-    assert type(raised.value) in (GSASRecError, ValueError)
+    assert type(raised.value) in (GSASRecError, ValueError, TypeError)
+
+
+def test_a_cuda_device_this_machine_lacks_is_named(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(GSASRecError, match=r"device 'cuda:2': this machine has 2 CUDA device\(s\), cuda:0 to cuda:1"):
+        resolve_device("cuda:2")
+
+
+@pytest.mark.parametrize("script, arguments, folder", [
+    ("train", lambda w: ["--config", w.ok, "--run-dir", str(w.root / "locked" / "run")], "locked"),
+    ("evaluate", lambda w: [w.checkpoint, "--output", str(w.root / "locked" / "m.json")], "locked"),
+    ("prepare", lambda w: ["--input", str(w.root / "log.csv"), "--name", "x", "--output-dir",
+                           str(w.root / "locked" / "x")], "locked"),
+])
+def test_a_folder_the_user_cannot_write_is_refused_before_any_work(workspace, monkeypatch, script, arguments,
+                                                                   folder):
+    """As the tests may run as root, who may write anywhere, the folder is made unwritable for os.access."""
+    locked = workspace.root / folder
+    locked.mkdir(exist_ok=True)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked and real_access(path, mode))
+    monkeypatch.chdir(workspace.root)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *arguments(workspace)])
+    stderr = io.StringIO()
+    with pytest.raises(SystemExit) as exited, contextlib.redirect_stderr(stderr), \
+            contextlib.redirect_stdout(io.StringIO()):
+        run_cli(SCRIPTS[script].main)
+    assert exited.value.code == 2 and stderr.getvalue().endswith(f"{locked} is not writable\n")
+    assert stderr.getvalue().count("\n") == 1 and not any(locked.iterdir())
 

@@ -41,5 +41,6 @@ def test_reliability_diagram_and_command_line_report(tmp_path, synthetic_dataset
     report = json.loads((tmp_path / "report.json").read_text())["calibration"]
     assert len(report["bins"]) == 5 and sum(b["count"] for b in report["bins"]) == 300
     assert (tmp_path / "diagram.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob(".*"))  # both written through a temporary, renamed into place
     plot_reliability_diagrams({"a": report, "b": report}, str(tmp_path / "two.png"))
     assert (tmp_path / "two.png").stat().st_size > 10_000

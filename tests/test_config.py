@@ -17,6 +17,7 @@ def test_defaults_are_the_official_ones():
             config.reuse_item_embeddings) == (200, 256, 128, 4, 3, 0.0, 256, 10000, 100,
                                               ("nDCG@10", "R@1", "R@10"), "nDCG@10", 200, 0.75, True, 512, 10,
                                               False)
+    assert (config.negative_sampling, config.engine) == ("per_position", "fast")  # the paper's draw
 
 
 def test_a_config_is_frozen_and_variants_are_validated_copies():
@@ -147,3 +148,60 @@ def test_a_broken_config_file_is_one_error_naming_the_file_and_line(tmp_path, bo
     with pytest.raises(GSASRecError, match=message) as raised:
         load_config(str(path))
     assert str(path) in str(raised.value) and "\n" not in str(raised.value)
+
+
+# One bad --set value per config field and the words of its refusal; a new field needs a line here (and a valid
+# range in docs/configuration.md).
+BAD_VALUE_PER_FIELD = {
+    "dataset_name": ("../ml1m", "dataset_name must be a folder name"),
+    "sequence_length": ("0", "sequence_length must be >= 1"),
+    "embedding_dim": ("12.5", "embedding_dim: expected int, got '12.5'"),
+    "train_batch_size": ("0", "batch sizes must be >= 1"),
+    "num_heads": ("3", r"num_heads \(3\) must divide embedding_dim \(256\)"),
+    "num_blocks": ("0", "num_blocks must be >= 1"),
+    "dropout_rate": ("1", r"dropout_rate must be in \[0, 1\)"),
+    "negs_per_pos": ("0", "negs_per_pos must be >= 1"),
+    "max_epochs": ("0", "max_epochs and max_batches_per_epoch must be >= 1"),
+    "max_batches_per_epoch": ("-3", "max_epochs and max_batches_per_epoch must be >= 1"),
+    "metrics": ("nDCG@10,Foo@10", "metric 'Foo@10' is not an ir_measures measure"),
+    "val_metric": ("MRR@10", "val_metric 'MRR@10' must be one of metrics"),
+    "early_stopping_patience": ("0", "early_stopping_patience must be >= 1"),
+    "gbce_t": ("nan", r"gbce_t must be in \[0, 1\]"),
+    "filter_rated": ("maybe", "filter_rated: expected true or false"),
+    "eval_batch_size": ("0", "batch sizes must be >= 1"),
+    "recommendation_limit": ("0", "recommendation_limit must be >= 1"),
+    "reuse_item_embeddings": ("1", "reuse_item_embeddings: expected true or false"),
+    "seed": ("-1", r"seed must be in 0..2\*\*32 - 1, got -1"),
+    "loss": ("bpr", "loss must be one of"),
+    "logq_correction": ("true", "logq_correction applies to loss='sampled_softmax' only"),
+    "block": ("transformer", "block must be one of"),
+    "ligr_feed_forward_multiplier": ("0", "ligr_feed_forward_multiplier must be >= 1"),
+    "negative_sampling": ("random", "negative_sampling must be one of"),
+    "training_window": ("oldest", "training_window must be one of"),
+    "user_sampling": ("per_interaction", "needs training_window='random'"),
+    "learning_rate": ("inf", "learning_rate must be a number > 0, got inf"),
+    "warmup_steps": ("-1", "warmup_steps and lr_decay_steps must be >= 0"),
+    "lr_decay_steps": ("-100", "warmup_steps and lr_decay_steps must be >= 0"),
+    "embedding_init_std": ("0", "embedding_init_std must be a number > 0 or None"),
+    "prior_score_init": ("yes", "prior_score_init: expected true or false"),
+    "bf16": ("None", "bf16: expected true or false"),
+    "bf16_scores": ("on", "bf16_scores: expected true or false"),
+    "sparse_item_updates": ("2", "sparse_item_updates: expected true or false"),
+    "weight_averaging_decay": ("1.5", r"weight_averaging_decay must be in \(0, 1\)"),
+    "selection_start_step": ("-1", "selection_start_step must be >= 0"),
+    "engine": ("slow", "engine must be one of"),
+    "max_steps": ("0", "max_steps must be >= 1"),
+    "max_training_time": ("-5", "max_training_time must be > 0"),
+}
+
+
+def test_every_config_field_has_a_bad_value_case():
+    assert set(BAD_VALUE_PER_FIELD) == {field.name for field in dataclasses.fields(GSASRecExperimentConfig)}
+
+
+@pytest.mark.parametrize("field", BAD_VALUE_PER_FIELD)
+def test_a_bad_value_of_any_field_is_refused_in_one_line_naming_it(field):
+    text, message = BAD_VALUE_PER_FIELD[field]
+    with pytest.raises(GSASRecError, match=message) as raised:
+        apply_overrides(GSASRecExperimentConfig(), [f"{field}={text}"])
+    assert "\n" not in str(raised.value)

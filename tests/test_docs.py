@@ -72,6 +72,11 @@ def test_configuration_doc_covers_every_field():
     assert set(documented) == {field.name for field in dataclasses.fields(GSASRecExperimentConfig)}
 
 
+def test_configuration_doc_gives_every_fields_valid_values():
+    text = (REPO / "docs" / "configuration.md").read_text().split("## Valid values")[1].split("\n## ")[0]
+    assert set(re.findall(r"`(\w+)`", text)) >= {field.name for field in dataclasses.fields(GSASRecExperimentConfig)}
+
+
 def test_the_front_door_and_the_docs_stay_short():
     lengths = {doc.relative_to(REPO).as_posix(): len(doc.read_text().splitlines()) for doc in DOCS}
     assert {name: length for name, length in lengths.items() if length > 200} == {}
