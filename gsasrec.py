@@ -202,9 +202,8 @@ class GSASRec(nn.Module):
 
     def encode(self, item_vectors: torch.Tensor, is_item: torch.Tensor, last_position_only: bool = False
                ) -> torch.Tensor:
-        """forward from the input's rows of the item table (batch, length, E) and its non-padding mask
-        (batch, length). A length shorter than sequence_length is read as the rightmost part of a full window, so
-        cutting away columns of pure padding changes nothing."""
+        """forward from the input's item vectors (batch, length, E) and non-padding mask (batch, length). A length
+        under sequence_length is the right end of a full window: cutting columns of pure padding changes nothing."""
         length = is_item.shape[1]
         if length > self.sequence_length:
             raise ValueError(f"input length {length} exceeds sequence_length {self.sequence_length}")
@@ -264,7 +263,8 @@ def check_item_ids(name: str, ids: torch.Tensor, num_items: int | None = None, r
     """A ValueError naming the argument unless ids is a (batch, length) integer tensor (of `rows` rows), and, where
     num_items is given, its ids are items 1..num_items or the padding id: not an IndexError deep inside."""
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
-        got = f"shape {tuple(ids.shape)}, {ids.dtype}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        got = f"shape {tuple(ids.shape)} and dtype {ids.dtype}" if isinstance(ids, torch.Tensor) else \
+            f"a {type(ids).__name__}"
         raise ValueError(f"{name} must be a (batch, length) tensor of int64 or int32 item ids, got {got}")
     if rows is not None and len(ids) != rows:
         raise ValueError(f"{name} must have a row for each of the {rows} input rows, got {len(ids)}")

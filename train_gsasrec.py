@@ -229,7 +229,8 @@ class Trainer:
         """A run killed between logging an epoch and saving its state redoes that epoch: it is logged once. Log
         lines that are not whole records (a write cut short, an edit) go too."""
         if damaged := drop_log_records_after(self.run_dir / LOG_FILE, self.progress.step):
-            self.say(f"Note: {self.run_dir / LOG_FILE} had {damaged} damaged line(s), now dropped; the rest is kept")
+            self.say(f"Note: {self.run_dir / LOG_FILE} had {damaged} damaged line(s); they are dropped and the other "
+                     "records kept")
 
     def tick(self) -> None:
         """Adds the wall-clock time since the last tick to the run's elapsed time."""
