@@ -108,6 +108,15 @@ class DatasetSplit:
     def padding_id(self) -> int:
         return self.num_items + 1
 
+    def whole_histories(self) -> Sequences:
+        """Every user's whole known sequence (line i of test/ is user i): the test input, then its target."""
+        offsets = offsets_from_lengths(self.test_input.lengths + 1)
+        is_target = np.zeros(offsets[-1], dtype=bool)
+        is_target[offsets[1:] - 1] = True
+        items = np.empty(offsets[-1], dtype=self.test_input.items.dtype)
+        items[is_target], items[~is_target] = self.test_target, self.test_input.items
+        return Sequences(items, offsets)
+
 
 def sequences_from_pairs(users: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, Sequences]:
     """Groups (user, item) events into per-user sequences, users in order of first appearance,
@@ -296,6 +305,38 @@ def load_dataset(directory: Path) -> DatasetSplit:
             raise GSASRecError(f"{directory / stage}: no users; validation and test need at least one each")
     return DatasetSplit(files["train/input.txt"], files["val/input.txt"], files["val/output.txt"],
                         files["test/input.txt"], files["test/output.txt"], num_items)
+
+
+@dataclass
+class RawIds:
+    """A dataset's ids as its log had them, indexed by the dataset's ids (row 0 unused): users[user_id] and
+    items[item_id] as text from users.tsv and items.tsv (datasets/prepare_dataset.py), or the dataset's own ids
+    where it has no such mapping (ML-1M); titles[item_id] where items.tsv has titles."""
+    users: np.ndarray
+    items: np.ndarray
+    titles: np.ndarray | None
+
+
+def read_raw_ids(directory: Path, num_users: int, num_items: int) -> RawIds:
+    """The dataset's users.tsv and items.tsv, each checked to list ids 1..N in order."""
+    def table(name: str, id_column: str, count: int) -> pd.DataFrame:
+        path = Path(directory) / name
+        if not path.is_file():
+            return pd.DataFrame()
+        # As text, and without reading 'NA' or '' as missing: raw ids stay exactly what the log had.
+        frame = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+        if id_column not in frame or not np.array_equal(frame[id_column].to_numpy(),
+                                                        np.arange(1, count + 1).astype(str)):
+            raise GSASRecError(f"{path}: expected a column {id_column} listing 1..{count} in order")
+        return frame
+
+    def indexed(frame: pd.DataFrame, column: str) -> np.ndarray | None:
+        return np.concatenate([[None], frame[column].to_numpy(dtype=object)]) if column in frame else None
+
+    users, items = table("users.tsv", "user_id", num_users), table("items.tsv", "item_id", num_items)
+    raw_users, raw_items = indexed(users, "raw_user_id"), indexed(items, "raw_item_id")
+    return RawIds(np.arange(num_users + 1) if raw_users is None else raw_users,
+                  np.arange(num_items + 1) if raw_items is None else raw_items, indexed(items, "title"))
 
 
 def read_item_titles(directory: Path) -> dict[int, str]:
