@@ -79,13 +79,13 @@ def read_histories(path: Path, args, raw: RawIds) -> tuple[np.ndarray, Sequences
                            "dataset prepared from another log?")
     counts = np.bincount(users[order], minlength=len(raw_users))
     unknown = raw_items[items == 0].unique()
+    examples = f" (e.g. {', '.join(map(repr, unknown[:3]))})" if len(unknown) else ""
     print(f"{path}: {len(raw_users)} users, {len(frame)} events; skipped {int((items == 0).sum())} events of "
-          f"{len(unknown)} items the dataset does not know" +
-          (f" (e.g. {', '.join(map(repr, unknown[:3]))})" if len(unknown) else "") +
-          (f"; {int((counts == 0).sum())} users with no known item get no recommendations" if (counts == 0).any()
-           else ""))
-    return raw_users.to_numpy()[counts > 0], Sequences(items[order].astype(np.int32),
-                                                       offsets_from_lengths(counts[counts > 0]))
+          f"{len(unknown)} items the dataset does not know{examples}; {int((counts == 0).sum())} user(s) left with no "
+          "known item get no list")
+    has_history = counts > 0
+    return raw_users.to_numpy()[has_history], Sequences(items[order].astype(np.int32),
+                                                        offsets_from_lengths(counts[has_history]))
 
 
 def recommendation_table(users: np.ndarray, items: np.ndarray, scores: np.ndarray, raw: RawIds) -> pyarrow.Table:

@@ -170,7 +170,7 @@ def test_histories_from_a_file_in_raw_ids_skip_unknown_items(workspace, tmp_path
     assert status == 0, err
     summary = out.splitlines()[0]
     assert "4 users" in summary and "skipped 2 events of 2 items" in summary and "'unknown-1'" in summary
-    assert "1 users with no known item" in summary
+    assert "1 user(s) left with no known item get no list" in summary
     top = read_output(tmp_path / "top.csv")
     assert top.groupby("user_id", sort=False).size().to_dict() == {"ann": K, "cy": K, "dee": 2}
     assert set(top[top["user_id"] == "dee"]["item_id"]) == set(items[:2])
@@ -184,7 +184,8 @@ def files_under(root: Path) -> dict[str, int]:
 
 
 BAD_HISTORIES = {"missing.csv": "user_id,time\nann,1\n", "empty.csv": "", "header.csv": "user_id,item_id\n",
-                 "unknown.csv": "user_id,item_id\nann,nothing\nbob,none\n", "log.json": "{}"}
+                 "unknown.csv": "user_id,item_id\nann,nothing\nbob,none\n", "log.json": "{}",
+                 "no_user.csv": "user_id,item_id\nann,i01\n,i02\n", "bad_time.csv": "user_id,item_id,t\nann,i01,soon\n"}
 # (arguments given the workspace, what the one line must say)
 CASES = {
     "not a checkpoint": (lambda w: [w.root / "log.csv", "--output", w.out / "top.csv"], "is not a readable checkpoint"),
@@ -216,6 +217,12 @@ CASES = {
                                         "none of its 2 items is in the dataset's catalogue"),
     "histories of unknown format": (lambda w: [w.checkpoints["mylog"], "--output", w.out / "top.csv", "--histories",
                                                w.out / "log.json"], "cannot tell the format"),
+    "histories with a missing user id": (lambda w: [w.checkpoints["mylog"], "--output", w.out / "top.csv",
+                                                    "--histories", w.out / "no_user.csv"],
+                                         "user column 'user_id', data row 2: missing user id"),
+    "histories with a bad time": (lambda w: [w.checkpoints["mylog"], "--output", w.out / "top.csv", "--histories",
+                                             w.out / "bad_time.csv", "--time-col", "t"],
+                                  "data row 1: 'soon' is not a number or a date-time"),
     "dataset not there": (lambda w: [w.root / "elsewhere.pt", "--output", w.out / "top.csv"], "dataset 'elsewhere'"),
 }
 
