@@ -235,6 +235,7 @@ def main() -> None:
     output, onnx_output = output_file(args.output, "--output"), output_file(args.export_onnx, "--export-onnx")
     if output and output.suffix.lower() not in OUTPUT_FORMATS:
         raise GSASRecError(f"--output {output}: give a file ending in .csv or .parquet")
+    device = resolve_device(args.device)
     config = load_config(args.config) if args.config else None
     checkpoint = read_checkpoint(args.checkpoint, config)
     if args.k > checkpoint["num_items"]:
@@ -249,7 +250,7 @@ def main() -> None:
     directory = ensure_dataset(dataset_name, args.source)
     dataset = load_dataset(directory)
     model, config = model_from_checkpoint(checkpoint, config, dataset.num_items, args.checkpoint)
-    model = model.to(resolve_device(args.device)).eval()
+    model = model.to(device).eval()
     raw = read_raw_ids(directory, len(dataset.test_input), dataset.num_items)
     if args.histories:
         users, histories = read_histories(Path(args.histories), args, raw)

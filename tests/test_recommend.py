@@ -5,6 +5,7 @@ import importlib.util
 import io
 import re
 import runpy
+import shutil
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -53,9 +54,12 @@ def workspace(tmp_path_factory) -> SimpleNamespace:
         with contextlib.redirect_stdout(io.StringIO()):
             prepare_dataset.main()
     write_synthetic_dataset(root / "datasets" / "successor")
+    shutil.copytree(root / "datasets" / "mylog", root / "datasets" / "damaged")
+    items_tsv = root / "datasets" / "damaged" / "items.tsv"
+    items_tsv.write_text("".join(items_tsv.read_text().splitlines(keepends=True)[:-1]))
     torch.manual_seed(0)
     checkpoints = {}
-    for name, num_items in (("mylog", NUM_ITEMS), ("successor", 40)):
+    for name, num_items in (("mylog", NUM_ITEMS), ("successor", 40), ("damaged", NUM_ITEMS)):
         config = tiny_config(dataset_name=name, num_blocks=2)
         checkpoints[name] = root / f"{name}.pt"
         atomic_save(model_checkpoint(build_model(config, num_items), config), checkpoints[name])
@@ -223,6 +227,10 @@ CASES = {
     "histories with a bad time": (lambda w: [w.checkpoints["mylog"], "--output", w.out / "top.csv", "--histories",
                                              w.out / "bad_time.csv", "--time-col", "t"],
                                   "data row 1: 'soon' is not a number or a date-time"),
+    "unknown device": (lambda w: [w.checkpoints["mylog"], "--output", w.out / "top.csv", "--device", "gpu"],
+                       "unknown device 'gpu'"),
+    "items.tsv without every item": (lambda w: [w.checkpoints["damaged"], "--output", w.out / "top.csv"],
+                                     f"items.tsv: expected a column item_id listing 1..{NUM_ITEMS} in order"),
     "dataset not there": (lambda w: [w.root / "elsewhere.pt", "--output", w.out / "top.csv"], "dataset 'elsewhere'"),
 }
 
