@@ -259,6 +259,20 @@ def test_the_export_without_its_packages_is_one_error_line_naming_them(workspace
     assert not list(tmp_path.iterdir())
 
 
+def test_an_export_that_onnxruntime_runs_differently_is_refused(workspace, tmp_path, monkeypatch):
+    import onnxruntime
+
+    class Drifting(onnxruntime.InferenceSession):
+        def run(self, *args, **kwargs):
+            items, scores = super().run(*args, **kwargs)
+            return items, scores + 0.01
+    monkeypatch.setattr(onnxruntime, "InferenceSession", Drifting)
+    status, _, err = recommend(workspace.checkpoints["mylog"], "--export-onnx", tmp_path / "model.onnx")
+    assert status == 2 and err.startswith("error: the exported graph's scores differ from PyTorch's") and \
+        len(err.splitlines()) == 1
+    assert not list(tmp_path.iterdir())
+
+
 def assert_same_rankings(items, scores, expected_items, expected_scores, tolerance: float = 1e-4) -> None:
     """Scores within tolerance, and the same ids except where two neighbouring expected scores are that close (a
     near-tie, which either side may order either way)."""
