@@ -1,4 +1,4 @@
-"""Datasets: the train/val/test split, its files, and the sequence store batches are cut from.
+"""Datasets: the train/val/test split, its files, the sequence store batches are cut from, and interaction logs.
 
 Sequences live in one flat int32 array plus offsets (CSR), so a dataset of millions of events holds no
 per-user Python objects and a batch of left-padded windows is a single fancy-indexing operation.
@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import pyarrow
+import pyarrow.parquet
 import torch
 from torch.utils.data.distributed import DistributedSampler
 
@@ -23,6 +26,10 @@ from config import GSASRecError, GSASRecExperimentConfig
 DATASETS_DIR = Path(__file__).resolve().parent / "datasets"
 DATASETS_DIR_ENV = "GSASREC_DATASETS_DIR"
 SPLIT_FILES = ("train/input.txt", "val/input.txt", "val/output.txt", "test/input.txt", "test/output.txt")
+LOG_SEPARATORS = {".csv": ",", ".tsv": "\t", ".txt": "\t"}
+COMPRESSIONS = {".gz", ".bz2", ".xz", ".zst", ".zip"}
+# Errors pandas and pyarrow raise on unreadable files (EmptyDataError and ParserError are ValueErrors).
+READ_ERRORS = (ValueError, OSError, UnicodeError, pyarrow.ArrowException)
 
 
 def offsets_from_lengths(lengths: np.ndarray) -> np.ndarray:
@@ -103,6 +110,15 @@ class DatasetSplit:
     @property
     def padding_id(self) -> int:
         return self.num_items + 1
+
+    def whole_histories(self) -> Sequences:
+        """Every user's whole known sequence (line i of test/ is user i): the test input, then its target."""
+        offsets = offsets_from_lengths(self.test_input.lengths + 1)
+        is_target = np.zeros(offsets[-1], dtype=bool)
+        is_target[offsets[1:] - 1] = True
+        items = np.empty(offsets[-1], dtype=self.test_input.items.dtype)
+        items[is_target], items[~is_target] = self.test_target, self.test_input.items
+        return Sequences(items, offsets)
 
 
 def sequences_from_pairs(users: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, Sequences]:
@@ -294,12 +310,43 @@ def load_dataset(directory: Path) -> DatasetSplit:
                         files["test/input.txt"], files["test/output.txt"], num_items)
 
 
+@dataclass
+class RawIds:
+    """A dataset's ids as its log had them, indexed by the dataset's ids (row 0 unused): users[user_id] and
+    items[item_id] as text from users.tsv and items.tsv (datasets/prepare_dataset.py), or the dataset's own ids
+    where it has no such mapping (ML-1M); titles[item_id] where items.tsv has titles."""
+    users: np.ndarray
+    items: np.ndarray
+    titles: np.ndarray | None
+
+
+def read_raw_ids(directory: Path, num_users: int, num_items: int) -> RawIds:
+    """The dataset's users.tsv and items.tsv, each checked to list ids 1..N in order."""
+    def table(name: str, id_column: str, count: int) -> pd.DataFrame:
+        path = Path(directory) / name
+        if not path.is_file():
+            return pd.DataFrame()
+        # As text, and without reading 'NA' or '' as missing: raw ids stay exactly what the log had.
+        frame = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+        if id_column not in frame or not np.array_equal(frame[id_column].to_numpy(),
+                                                        np.arange(1, count + 1).astype(str)):
+            raise GSASRecError(f"{path}: expected a column {id_column} listing 1..{count} in order")
+        return frame
+
+    def indexed(frame: pd.DataFrame, column: str) -> np.ndarray | None:
+        return np.concatenate([[None], frame[column].to_numpy(dtype=object)]) if column in frame else None
+
+    users, items = table("users.tsv", "user_id", num_users), table("items.tsv", "item_id", num_items)
+    raw_users, raw_items = indexed(users, "raw_user_id"), indexed(items, "raw_item_id")
+    return RawIds(np.arange(num_users + 1) if raw_users is None else raw_users,
+                  np.arange(num_items + 1) if raw_items is None else raw_items, indexed(items, "title"))
+
+
 def read_item_titles(directory: Path) -> dict[int, str]:
     """item_id -> title from the dataset's items.tsv, or {} when it has none."""
     path = Path(directory) / "items.tsv"
     if not path.is_file():
         return {}
-    import pandas as pd
     table = pd.read_csv(path, sep="\t")
     if not {"item_id", "title"} <= set(table.columns):
         return {}
@@ -353,3 +400,103 @@ def epoch_sampler(lengths: np.ndarray, config: GSASRecExperimentConfig, num_repl
     if config.user_sampling == "per_interaction":
         return InteractionWeightedSampler(lengths, config.sequence_length + 1, num_replicas, rank, config.seed)
     return DistributedSampler(range(len(lengths)), num_replicas=num_replicas, rank=rank, shuffle=True, seed=config.seed)
+
+
+# Interaction logs in CSV, TSV or Parquet: datasets/prepare_dataset.py's input, recommend_gsasrec.py's --histories.
+
+def file_separator(path: Path, sep: str | None) -> str | None:
+    """The column separator of a text file (from --sep or the extension), None for Parquet."""
+    suffixes = [suffix.lower() for suffix in path.suffixes if suffix.lower() not in COMPRESSIONS]
+    extension = suffixes[-1] if suffixes else ""
+    if extension == ".parquet":
+        return None
+    if sep or extension in LOG_SEPARATORS:
+        return sep or LOG_SEPARATORS[extension]
+    raise GSASRecError(f"{path}: cannot tell the format from the extension {extension or '(none)'!r}; use .csv, "
+                       ".tsv, .txt or .parquet (optionally compressed, e.g. .csv.gz), or pass --sep")
+
+
+def available_columns(path: Path, sep: str | None) -> list[str]:
+    """The header of the file, read without its data."""
+    if sep is None:
+        return list(pyarrow.parquet.read_schema(path).names)
+    try:
+        return list(pd.read_csv(path, sep=sep, nrows=0, engine=text_engine(sep)).columns)
+    except pd.errors.EmptyDataError:
+        raise GSASRecError(f"{path} is empty") from None
+
+
+def text_engine(sep: str) -> str:
+    """pandas' fast C parser handles one-character separators; longer ones (e.g. '::') need Python's."""
+    return "c" if len(sep) == 1 else "python"
+
+
+def read_columns(path: Path, columns: list[str], text_columns: list[str], sep: str | None) -> pd.DataFrame:
+    """Only the needed columns; text_columns of text files as strings, so ids '007' and '7' stay distinct."""
+    if not path.is_file():
+        raise GSASRecError(f"input file not found: {path}")
+    try:
+        present = available_columns(path, sep)
+        missing = [column for column in columns if column not in present]
+        if missing:
+            raise GSASRecError(f"{path}: no column(s) {', '.join(map(repr, missing))}; the file has "
+                               f"{', '.join(map(repr, present))} (pick them with the --*-col options)")
+        if sep is None:
+            frame = pd.read_parquet(path, columns=columns)
+        else:
+            frame = pd.read_csv(path, sep=sep, usecols=columns, engine=text_engine(sep),
+                                dtype={column: "str" for column in text_columns})
+    except READ_ERRORS as error:
+        raise GSASRecError(f"{path}: cannot be read ({first_line(error)})") from None
+    if frame.empty:
+        raise GSASRecError(f"{path} holds no events")
+    return frame
+
+
+def first_line(error: Exception) -> str:
+    """The gist of a library error, since the command reports problems on one line."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def encode_ids(values: pd.Series, what: str) -> tuple[np.ndarray, pd.Index]:
+    """Dense int32 codes in order of first appearance, refusing missing ids."""
+    codes, uniques = pd.factorize(values)
+    missing = np.flatnonzero(codes < 0)
+    if len(missing):
+        raise GSASRecError(f"{what} column {values.name!r}, data row {missing[0] + 1}: missing {what} id")
+    return codes.astype(np.int32), pd.Index(uniques)
+
+
+def parse_times(values: pd.Series) -> np.ndarray:
+    """Event times as sortable numbers: numbers as they are, date-time strings parsed as ISO 8601 (any
+    precision, as logs mix them) or else in the one format pandas infers from the first string."""
+    if pd.api.types.is_numeric_dtype(values) or pd.api.types.is_datetime64_any_dtype(values):
+        parsed = values
+    elif looks_numeric(values):
+        parsed = pd.to_numeric(values, errors="coerce")
+    else:
+        parsed = pd.to_datetime(values, errors="coerce", utc=True, format="ISO8601")
+        if parsed.isna().any():
+            parsed = pd.to_datetime(values, errors="coerce", utc=True)
+    bad = np.flatnonzero(parsed.isna().to_numpy())
+    if len(bad):
+        raise GSASRecError(f"time column {values.name!r}, data row {bad[0] + 1}: {values.iloc[bad[0]]!r} is "
+                           "not a number or a date-time (ISO 8601, or one format throughout)")
+    if pd.api.types.is_datetime64_any_dtype(parsed):
+        return parsed.astype("int64").to_numpy()
+    return parsed.to_numpy()
+
+
+def looks_numeric(values: pd.Series) -> bool:
+    """Whether a text column holds numbers rather than date-times, judged by its first value."""
+    first = values.first_valid_index()
+    return first is not None and not pd.isna(pd.to_numeric(values.loc[first], errors="coerce"))
+
+
+def time_order(users: np.ndarray, times: np.ndarray | None) -> np.ndarray:
+    """Rows sorted by (user, time); equal times keep their file order (both sorts are stable)."""
+    if times is None:
+        return np.argsort(users, kind="stable")
+    by_time = np.argsort(times, kind="stable")
+    return by_time[np.argsort(users[by_time], kind="stable")]

@@ -25,23 +25,18 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow
-import pyarrow.parquet
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from config import GSASRecError  # noqa: E402
-from dataset_utils import (DATASETS_DIR, DATASETS_DIR_ENV, dataset_directory, sequences_from_pairs,  # noqa: E402
-                           split_sequences, validation_user_mask, write_split_files)
+from dataset_utils import (DATASETS_DIR, DATASETS_DIR_ENV, dataset_directory, encode_ids, file_separator,  # noqa: E402
+                           parse_times, read_columns, sequences_from_pairs, split_sequences, time_order,
+                           validation_user_mask, write_split_files)
 from utils import CommandLineParser, run_cli, whole_number_at_least, writable_folder  # noqa: E402
 
 MIN_EVENTS_TO_SPLIT = 3
-SEPARATORS = {".csv": ",", ".tsv": "\t", ".txt": "\t"}
-COMPRESSIONS = {".gz", ".bz2", ".xz", ".zst", ".zip"}
 DATASET_ENTRIES = {"train", "val", "test", "dataset_stats.json", "items.tsv", "users.tsv"}
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-# Errors pandas and pyarrow raise on unreadable files (EmptyDataError and ParserError are ValueErrors).
-READ_ERRORS = (ValueError, OSError, UnicodeError, pyarrow.ArrowException)
 
 
 @dataclass
@@ -58,97 +53,6 @@ class Events:
         """The chosen rows; the raw id tables stay whole, as the codes index them."""
         times = None if self.times is None else self.times[rows]
         return Events(self.users[rows], self.items[rows], times, self.raw_users, self.raw_items, self.item_titles)
-
-
-def file_separator(path: Path, sep: str | None) -> str | None:
-    """The column separator of a text file (from --sep or the extension), None for Parquet."""
-    suffixes = [suffix.lower() for suffix in path.suffixes if suffix.lower() not in COMPRESSIONS]
-    extension = suffixes[-1] if suffixes else ""
-    if extension == ".parquet":
-        return None
-    if sep or extension in SEPARATORS:
-        return sep or SEPARATORS[extension]
-    raise GSASRecError(f"{path}: cannot tell the format from the extension {extension or '(none)'!r}; use .csv, "
-                       ".tsv, .txt or .parquet (optionally compressed, e.g. .csv.gz), or pass --sep")
-
-
-def available_columns(path: Path, sep: str | None) -> list[str]:
-    """The header of the file, read without its data."""
-    if sep is None:
-        return list(pyarrow.parquet.read_schema(path).names)
-    try:
-        return list(pd.read_csv(path, sep=sep, nrows=0, engine=text_engine(sep)).columns)
-    except pd.errors.EmptyDataError:
-        raise GSASRecError(f"{path} is empty") from None
-
-
-def text_engine(sep: str) -> str:
-    """pandas' fast C parser handles one-character separators; longer ones (e.g. '::') need Python's."""
-    return "c" if len(sep) == 1 else "python"
-
-
-def read_columns(path: Path, columns: list[str], text_columns: list[str], sep: str | None) -> pd.DataFrame:
-    """Only the needed columns; text_columns of text files as strings, so ids '007' and '7' stay distinct."""
-    if not path.is_file():
-        raise GSASRecError(f"input file not found: {path}")
-    try:
-        present = available_columns(path, sep)
-        missing = [column for column in columns if column not in present]
-        if missing:
-            raise GSASRecError(f"{path}: no column(s) {', '.join(map(repr, missing))}; the file has "
-                               f"{', '.join(map(repr, present))} (pick them with --user-col, --item-col, "
-                               "--time-col, --title-col)")
-        if sep is None:
-            frame = pd.read_parquet(path, columns=columns)
-        else:
-            frame = pd.read_csv(path, sep=sep, usecols=columns, engine=text_engine(sep),
-                                dtype={column: "str" for column in text_columns})
-    except READ_ERRORS as error:
-        raise GSASRecError(f"{path}: cannot be read ({first_line(error)})") from None
-    if frame.empty:
-        raise GSASRecError(f"{path} holds no events")
-    return frame
-
-
-def first_line(error: Exception) -> str:
-    """The gist of a library error, since the command reports problems on one line."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"
-
-
-def encode_ids(values: pd.Series, what: str) -> tuple[np.ndarray, pd.Index]:
-    """Dense int32 codes in order of first appearance, refusing missing ids."""
-    codes, uniques = pd.factorize(values)
-    missing = np.flatnonzero(codes < 0)
-    if len(missing):
-        raise GSASRecError(f"{what} column {values.name!r}, data row {missing[0] + 1}: missing {what} id")
-    return codes.astype(np.int32), pd.Index(uniques)
-
-
-def parse_times(values: pd.Series) -> np.ndarray:
-    """Event times as sortable numbers: numbers as they are, date-time strings parsed as ISO 8601 (any
-    precision, as logs mix them) or else in the one format pandas infers from the first string."""
-    if pd.api.types.is_numeric_dtype(values) or pd.api.types.is_datetime64_any_dtype(values):
-        parsed = values
-    elif looks_numeric(values):
-        parsed = pd.to_numeric(values, errors="coerce")
-    else:
-        parsed = pd.to_datetime(values, errors="coerce", utc=True, format="ISO8601")
-        if parsed.isna().any():
-            parsed = pd.to_datetime(values, errors="coerce", utc=True)
-    bad = np.flatnonzero(parsed.isna().to_numpy())
-    if len(bad):
-        raise GSASRecError(f"time column {values.name!r}, data row {bad[0] + 1}: {values.iloc[bad[0]]!r} is "
-                           "not a number or a date-time (ISO 8601, or one format throughout)")
-    if pd.api.types.is_datetime64_any_dtype(parsed):
-        return parsed.astype("int64").to_numpy()
-    return parsed.to_numpy()
-
-
-def looks_numeric(values: pd.Series) -> bool:
-    """Whether a text column holds numbers rather than date-times, judged by its first value."""
-    first = values.first_valid_index()
-    return first is not None and not pd.isna(pd.to_numeric(values.loc[first], errors="coerce"))
 
 
 def first_rows_of_codes(codes: np.ndarray) -> np.ndarray:
@@ -222,14 +126,6 @@ def filter_events(events: Events, min_user: int, min_item: int) -> tuple[Events,
 def count_distinct(codes: np.ndarray) -> int:
     """How many different codes occur, without sorting millions of them."""
     return int(np.count_nonzero(np.bincount(codes))) if len(codes) else 0
-
-
-def time_order(users: np.ndarray, times: np.ndarray | None) -> np.ndarray:
-    """Rows sorted by (user, time); equal times keep their file order (both sorts are stable)."""
-    if times is None:
-        return np.argsort(users, kind="stable")
-    by_time = np.argsort(times, kind="stable")
-    return by_time[np.argsort(users[by_time], kind="stable")]
 
 
 # Validation users when --num-val-users is not given: ML-1M's 512, or a tenth of the users of a smaller dataset.
