@@ -12,7 +12,7 @@ import torch
 import train_gsasrec
 from config import GSASRecError
 from dataset_utils import dataset_directory, load_dataset
-from tests.conftest import run_script, tiny_config, write_config, write_malicious_checkpoint
+from tests.conftest import REPO, run_script, tiny_config, write_config, write_malicious_checkpoint
 from utils import (build_model, load_model, load_tensors_file, model_checkpoint, read_checkpoint, rename_parameters,
                    run_cli)
 
@@ -44,11 +44,17 @@ def test_load_model_refuses_a_checkpoint_that_would_run_code(tmp_path, tiny_chec
     assert not (tmp_path / "marker").exists()
 
 
-def test_evaluate_refuses_it_in_one_line_with_exit_status_2(tmp_path, tiny_checkpoint, synthetic_datasets_dir):
+@pytest.mark.parametrize("script, options", [("evaluate_gsasrec.py", ()),
+                                             ("recommend_gsasrec.py", ("--output", "top.csv")),
+                                             ("recommend_gsasrec.py", ("--export-onnx", "top.onnx"))])
+def test_the_scripts_refuse_it_in_one_line_with_exit_status_2(tmp_path, tiny_checkpoint, synthetic_datasets_dir,
+                                                               script, options):
+    """Evaluation, recommendation and the ONNX export: one error line, exit status 2, no marker, nothing written."""
     path = write_malicious_checkpoint(tmp_path / "evil.pt", tmp_path / "marker", tiny_checkpoint)
-    result = run_script("evaluate_gsasrec.py", str(path), "--device", "cpu")
+    result = run_script(str(REPO / script), str(path), "--device", "cpu", *options, cwd=tmp_path)
     assert result.returncode == 2 and not (tmp_path / "marker").exists()
     assert re.fullmatch(f"error: {re.escape(str(path))}{REFUSAL}\n", result.stderr)
+    assert sorted(entry.name for entry in tmp_path.iterdir()) == ["datasets", "evil.pt"]
 
 
 def test_resuming_a_run_folder_whose_state_would_run_code_is_refused(tmp_path, monkeypatch, synthetic_datasets_dir):
