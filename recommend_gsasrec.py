@@ -29,32 +29,12 @@ from torch import nn
 from tqdm import tqdm
 
 from config import GSASRecError
-from dataset_utils import (
-    RawIds,
-    Sequences,
-    encode_ids,
-    ensure_dataset,
-    file_separator,
-    load_dataset,
-    offsets_from_lengths,
-    parse_times,
-    read_columns,
-    read_raw_ids,
-    time_order,
-)
+from dataset_utils import (RawIds, Sequences, encode_ids, ensure_dataset, file_separator, load_dataset,
+                           offsets_from_lengths, parse_times, read_columns, read_raw_ids, time_order)
 from eval_utils import recommend_batched
 from gsasrec import GSASRec
-from utils import (
-    CommandLineParser,
-    atomic_write,
-    load_config,
-    model_from_checkpoint,
-    output_file,
-    read_checkpoint,
-    resolve_device,
-    run_cli,
-    whole_number_at_least,
-)
+from utils import (CommandLineParser, atomic_write, load_config, model_from_checkpoint, output_file, read_checkpoint,
+                   resolve_device, run_cli, whole_number_at_least)
 
 OUTPUT_FORMATS = (".csv", ".parquet")
 # Opset 17 has LayerNormalization as one operator and runs on onnxruntime releases of the last few years.
