@@ -1,9 +1,12 @@
 """The docs stay true: every command names a script that exists and flags its parser accepts, and
 docs/configuration.md documents exactly the config's fields."""
+import ast
+import contextlib
 import dataclasses
 import functools
+import io
 import re
-import subprocess
+import runpy
 import sys
 
 import pytest
@@ -34,11 +37,16 @@ def script_uses(text: str) -> list[tuple[str, str | None, list[str]]]:
 
 @functools.cache
 def accepted_flags(script: str, subcommand: str | None) -> set[str]:
-    """The flags in the script's own --help (of the subcommand, when it has subcommands)."""
-    args = [sys.executable, script, *([subcommand] if subcommand else []), "--help"]
-    result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, f"{' '.join(args[1:])} failed: {result.stderr}"
-    return set(re.findall(r"(--[a-z0-9][a-z0-9-]*)", result.stdout))
+    """The flags in the script's own --help (of the subcommand, when it has subcommands), run in this process as
+    `python3 SCRIPT` runs it (a process of its own spends seconds importing torch)."""
+    path = REPO / script
+    output = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(output), pytest.raises(SystemExit) as ended:
+        patch.setattr(sys, "argv", [str(path), *([subcommand] if subcommand else []), "--help"])
+        patch.syspath_prepend(str(path.parent))
+        runpy.run_path(str(path), run_name="__main__")
+    assert ended.value.code in (0, None), f"{script} {subcommand or ''} --help failed"
+    return set(re.findall(r"(--[a-z0-9][a-z0-9-]*)", output.getvalue()))
 
 
 USES = sorted({(doc.relative_to(REPO).as_posix(), script, subcommand, tuple(flags))
@@ -80,3 +88,31 @@ def test_configuration_doc_gives_every_fields_valid_values():
 def test_the_front_door_and_the_docs_stay_short():
     lengths = {doc.relative_to(REPO).as_posix(): len(doc.read_text().splitlines()) for doc in DOCS}
     assert {name: length for name, length in lengths.items() if length > 200} == {}
+
+
+def project_imports(module: str) -> set[str]:
+    """The repository's top-level modules that a module imports."""
+    modules = {path.stem for path in REPO.glob("*.py")}
+    tree = ast.parse((REPO / f"{module}.py").read_text())
+    names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    return {name.split(".")[0] for name in names} & modules
+
+
+def test_the_modules_import_as_the_architecture_doc_says():
+    """docs/architecture.md's table names what each module imports of the project: it is so, imports go down the
+    table (no circle), and gsasrec.py needs nothing beyond torch and the standard library."""
+    rows = re.findall(r"^\| `(\w+)\.py` \| [^|]+ \| ([^|]+) \|$", (REPO / "docs" / "architecture.md").read_text(), re.M)
+    above = []
+    for module, listed in rows:
+        expected = set(above) if listed.strip() == "all of the above" else (
+            set() if listed.strip().startswith("none") else {name.strip() for name in listed.split(",")})
+        assert project_imports(module) == expected, module
+        assert expected <= set(above), f"{module} imports a module below it"
+        above.append(module)
+    assert {"config", "gsasrec", "dataset_utils", "eval_utils", "fast_training", "utils"} <= set(above)
+    tree = ast.parse((REPO / "gsasrec.py").read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names} | {node.module.split(".")[0] for node in ast.walk(tree)
+                                           if isinstance(node, ast.ImportFrom)}
+    assert imported <= {"torch", *sys.stdlib_module_names}

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from dataset_utils import load_dataset, read_item_titles, validation_user_mask
-from tests.conftest import REPO, run_script
+from tests.conftest import REPO, run_main, run_script
 
 SCRIPT = REPO / "datasets" / "prepare_dataset.py"
 spec = importlib.util.spec_from_file_location("prepare_dataset", SCRIPT)
@@ -176,10 +176,10 @@ def test_bad_input_exits_2_with_one_line_and_no_dataset(case, tmp_path):
     file_name, content, options, message = BAD_INPUTS[case]
     if content is not None:
         (tmp_path / file_name).write_text(content)
-    result = run_script(str(SCRIPT), "--input", str(tmp_path / file_name), "--name", "mine", "--num-val-users", "1",
-                        "--output-dir", str(tmp_path / "datasets" / "mine"), *map(str, options))
-    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
-    assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
+    status, _, stderr = run_main(prepare_dataset, "--input", tmp_path / file_name, "--name", "mine",
+                                 "--num-val-users", "1", "--output-dir", tmp_path / "datasets" / "mine", *options)
+    assert status == 2 and stderr.count("\n") == 1, stderr
+    assert stderr.startswith("error: ") and message in stderr, stderr
     assert not (tmp_path / "datasets").exists() or not any((tmp_path / "datasets").iterdir())
 
 

@@ -20,7 +20,7 @@ from config import GSASRecError, GSASRecExperimentConfig
 from dataset_utils import dataset_directory, ensure_dataset, load_dataset, training_batch
 from eval_utils import evaluate, recommend_batched
 from gsasrec import GSASRec, gbce_beta
-from tests.conftest import REPO, run_script, tiny_config, write_config, write_synthetic_dataset
+from tests.conftest import REPO, run_main, run_script, tiny_config, write_config, write_synthetic_dataset
 from tests.references import formula_loss, random_batch
 from train_gsasrec import Trainer, reference_loss, sample_negatives, train
 from utils import build_model, load_config, load_model, model_from_checkpoint, read_checkpoint
@@ -223,44 +223,44 @@ def test_command_line_train_sigterm_resume_and_evaluate(synthetic_datasets_dir, 
     assert mismatch.returncode == 2 and "does not fit the config" in mismatch.stderr
 
 
-def test_command_line_seed_overrides_the_config_and_is_saved(synthetic_datasets_dir, tmp_path):
+def test_command_line_seed_overrides_the_config_and_is_saved(synthetic_datasets_dir, tmp_path, monkeypatch):
     """--seed 42 reproduces the config's seed 42; --seed 7 trains differently, in its own default run folder."""
+    monkeypatch.chdir(tmp_path)
     config = write_config(tmp_path / "config_tiny.py", seed=42, max_steps=3)
     run_dirs = {"config": tmp_path / "config", "seed42": tmp_path / "seed42",
                 "seed7": tmp_path / "models" / "config_tiny-seed7"}
     for name, extra_args in (("config", ["--run-dir", str(run_dirs["config"])]),
                              ("seed42", ["--run-dir", str(run_dirs["seed42"]), "--seed", "42"]),
                              ("seed7", ["--seed", "7"])):
-        result = run_script(str(REPO / "train_gsasrec.py"), f"--config={config}", *extra_args, "--no-progress",
-                            cwd=tmp_path)
-        assert result.returncode == 0, result.stderr
-    saved = {name: torch.load(run_dir / "train_state.pt", weights_only=False) for name, run_dir in run_dirs.items()}
+        status, _, stderr = run_main(train_gsasrec, f"--config={config}", *extra_args, "--no-progress")
+        assert status == 0, stderr
+    saved = {name: torch.load(run_dir / "train_state.pt", weights_only=True) for name, run_dir in run_dirs.items()}
     assert [saved[name]["config"]["seed"] for name in ("config", "seed42", "seed7")] == [42, 42, 7]
     embeddings = {name: state["model_state"]["item_embedding.weight"] for name, state in saved.items()}
     assert torch.equal(embeddings["config"], embeddings["seed42"])
     assert not torch.equal(embeddings["config"], embeddings["seed7"])
-    other_seed = run_script("train_gsasrec.py", f"--config={config}", "--run-dir", str(run_dirs["seed7"]),
-                            "--seed", "8", "--no-progress")
-    assert other_seed.returncode == 2 and "different config" in other_seed.stderr
+    status, _, stderr = run_main(train_gsasrec, f"--config={config}", "--run-dir", str(run_dirs["seed7"]),
+                                 "--seed", "8", "--no-progress")
+    assert status == 2 and "different config" in stderr
 
 
-def test_set_overrides_reach_the_checkpoint_and_the_run_folder_name(synthetic_datasets_dir, tmp_path):
+def test_set_overrides_reach_the_checkpoint_and_the_run_folder_name(synthetic_datasets_dir, tmp_path, monkeypatch):
     """--set gbce_t=1.0 --set negs_per_pos=4 trains that config, saves it, and names the default run folder after it;
     a bad override is one line on stderr with exit status 2 and writes nothing."""
+    monkeypatch.chdir(tmp_path)
     config = write_config(tmp_path / "config_tiny.py", max_steps=3)
-    result = run_script(str(REPO / "train_gsasrec.py"), f"--config={config}", "--set", "gbce_t=1.0",
-                        "--set", "negs_per_pos=4", "--no-progress", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    status, _, stderr = run_main(train_gsasrec, f"--config={config}", "--set", "gbce_t=1.0", "--set",
+                                 "negs_per_pos=4", "--no-progress")
+    assert status == 0, stderr
     run_dir = tmp_path / "models" / "config_tiny-gbce_t=1.0-negs_per_pos=4"
     saved = read_checkpoint(str(run_dir / "train_state.pt"))
     assert (saved["config"]["gbce_t"], saved["config"]["negs_per_pos"]) == (1.0, 4)
     assert saved["training"]["steps"] == 3 and saved["training"]["seconds"] > 0
     assert {"device", "threads", "torch", "native_bf16"} <= set(saved["training"])
-    bad = run_script(str(REPO / "train_gsasrec.py"), f"--config={config}", "--set", "negs_per_position=4",
-                     "--no-progress", cwd=tmp_path)
-    assert bad.returncode == 2
-    assert bad.stderr.strip().splitlines() == ["error: --set negs_per_position: no such config field "
-                                               "(did you mean negs_per_pos?)"]
+    status, _, stderr = run_main(train_gsasrec, f"--config={config}", "--set", "negs_per_position=4", "--no-progress")
+    assert status == 2
+    assert stderr.strip().splitlines() == ["error: --set negs_per_position: no such config field "
+                                           "(did you mean negs_per_pos?)"]
     assert sorted(path.name for path in (tmp_path / "models").iterdir()) == [run_dir.name]
 
 
