@@ -1,8 +1,6 @@
-"""The official port's way of computing the gBCE loss and the evaluation: slow, literal references that the tests
-check this repository's fast paths against, and the baselines of bench_train.py / bench_eval.py --paper-way.
-
-Imported by the tests as benchmarks.paper_way, and by the benchmarks after common (which puts the repository on
-the path)."""
+"""The official port's way of computing the gBCE loss and the evaluation, with this repository's model: the
+baselines of bench_train.py / bench_eval.py --paper-way where the port itself was not measured. (The tests' plain
+references are in tests/references.py.) Imported after common, which puts the repository on the path."""
 import numpy as np
 import torch
 
