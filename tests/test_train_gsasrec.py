@@ -591,10 +591,10 @@ def test_the_reference_engine_refuses_the_fast_engines_lazy_optimizer():
 
 
 def test_config_ml1m_trains_with_the_reference_engine_from_the_fast_engines_first_loss(ml1m_source_path, tmp_path):
-    """--set engine=reference on the paper's config: its first batch's loss (without dropout) equals the fast
-    engine's, and it trains a few steps."""
+    """--set engine=reference on the paper's config: its first batch's loss (without dropout, and with the catalogue
+    scores in float32 where bf16 is native) equals the fast engine's, and it trains a few steps."""
     dataset = load_dataset(ensure_dataset("ml1m", ml1m_source_path))
-    config = load_config(str(REPO / "config_ml1m.py"))
+    config = replace(load_config(str(REPO / "config_ml1m.py")), bf16_scores=False)
     torch.manual_seed(0)
     model = build_model(config, dataset.num_items).eval()
     generator = torch.Generator().manual_seed(0)
@@ -604,7 +604,7 @@ def test_config_ml1m_trains_with_the_reference_engine_from_the_fast_engines_firs
     losses = [objective(model, batch, negatives, replace(config, engine=engine), beta)
               for engine, objective in (("fast", fast_training.training_loss),
                                         ("reference", reference_loss))]
-    assert losses[0].item() == pytest.approx(losses[1].item(), rel=1e-5)
+    assert losses[0].item() == pytest.approx(losses[1].item(), rel=5e-5)  # float32 sums of 5 million terms
     progress = train(replace(config, engine="reference", max_steps=2, selection_start_step=0), dataset,
                      tmp_path / "run", CPU, progress=False)
     assert progress.step == 2 and progress.stopped == "max_steps"
