@@ -36,7 +36,6 @@ GATHERED_NUMBERS_PER_CHUNK = 2 ** 20
 TABLE_STEP_BLOCK_ROWS = 8192
 
 
-
 class BitFieldDropout(nn.Module):
     """Inverted dropout whose CPU mask takes only as many random bits per element as the rate needs.
 
@@ -377,13 +376,11 @@ class AdamWithSeparateTables(torch.optim.Optimizer):
         self.param_groups = self.part_groups()  # loading replaced the parts' group dicts
 
 
-def build_optimizer(model: GSASRec, config: GSASRecExperimentConfig, in_backward: bool = True
+def build_optimizer(model: GSASRec, config: GSASRecExperimentConfig, in_backward: bool, fused: bool
                     ) -> AdamWithSeparateTables:
-    """Adam at the config's learning rate, with PyTorch's fused kernel on CPUs and CUDA (one pass over each
-    parameter instead of about ten). The item tables are stepped in backward
-    (in_backward; not under DistributedDataParallel, which averages gradients after backward), or with
+    """Adam at the config's learning rate (with PyTorch's fused kernel where fused). The item tables are stepped in
+    backward (in_backward; not under DistributedDataParallel, which averages gradients after backward), or with
     sparse_item_updates updated lazily (AdamWithSeparateTables)."""
-    fused = next(model.parameters()).device.type in ("cpu", "cuda")
     tables = list({id(table): table for table in (model.item_embedding.weight, model.output_item_embeddings)}.values())
     dense = [parameter for parameter in model.parameters() if all(parameter is not table for table in tables)]
     return AdamWithSeparateTables(dense, tables, config.learning_rate, fused, config.sparse_item_updates, in_backward)

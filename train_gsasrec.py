@@ -91,10 +91,11 @@ def reference_loss(model: GSASRec, batch: torch.Tensor, negatives: torch.Tensor 
 class TrainingObjective(nn.Module):
     """The loss of one batch under the config's engine, as a module so DistributedDataParallel can wrap the step."""
 
-    def __init__(self, model: GSASRec, config: GSASRecExperimentConfig, beta: float,
-                 table_steps: fast_training.TableSteps):
+    def __init__(self, model: GSASRec, config: GSASRecExperimentConfig, beta: float, optimizer: torch.optim.Optimizer):
         super().__init__()
-        self.model, self.config, self.beta, self.table_steps = model, config, beta, table_steps
+        self.model, self.config, self.beta = model, config, beta
+        # The item tables the fast engine's optimizer steps in backward; none for a plain Adam.
+        self.table_steps = getattr(optimizer, "table_steps", fast_training.TableSteps())
 
     def forward(self, batch: torch.Tensor, negatives: torch.Tensor | None) -> torch.Tensor:
         if self.config.engine == "reference":
@@ -105,10 +106,10 @@ class TrainingObjective(nn.Module):
 def build_optimizer(model: GSASRec, config: GSASRecExperimentConfig, in_backward: bool) -> torch.optim.Optimizer:
     """Adam at the config's learning rate: plain for the reference engine; for the fast one with the item tables on
     optimizers of their own, stepped inside backward where in_backward (fast_training.AdamWithSeparateTables)."""
+    fused = next(model.parameters()).device.type in ("cpu", "cuda")  # PyTorch's fused kernel: one pass a parameter
     if config.engine == "reference":
-        fused = next(model.parameters()).device.type in ("cpu", "cuda")
         return torch.optim.Adam(model.parameters(), lr=config.learning_rate, fused=fused)
-    return fast_training.build_optimizer(model, config, in_backward)
+    return fast_training.build_optimizer(model, config, in_backward, fused)
 
 
 def comparable(config: GSASRecExperimentConfig) -> dict:
@@ -138,8 +139,7 @@ class Trainer:
             self.model, multi_avg_fn=get_ema_multi_avg_fn(config.weight_averaging_decay))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(learning_rate_factor, config))
         beta = gbce_beta(config.negs_per_pos, dataset.num_items, config.gbce_t)
-        objective = TrainingObjective(self.model, config, beta, getattr(self.optimizer, "table_steps",
-                                                                        fast_training.TableSteps()))
+        objective = TrainingObjective(self.model, config, beta, self.optimizer)
         self.objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda"
                                                  else None) if world_size > 1 else objective
         self.trainable_rows = np.flatnonzero(dataset.train.lengths >= 2)
@@ -183,8 +183,8 @@ class Trainer:
 
     def load_state(self) -> None:
         """Resumes from the run folder's training state, whatever else in the folder is damaged."""
-        saved = read_training_state(self.state_path, STATE_KEYS)
-        if comparable(GSASRecExperimentConfig.from_dict(saved["config"])) != comparable(self.config):
+        saved, saved_config = read_training_state(self.state_path, STATE_KEYS)
+        if comparable(saved_config) != comparable(self.config):
             raise GSASRecError(f"{self.run_dir} holds a run with a different config; pass --run-dir to start a "
                                "new run elsewhere or --fresh to overwrite it")
         try:

@@ -376,9 +376,9 @@ class Progress:
         return self.stopped in ENDING_REASONS
 
 
-def read_training_state(path: Path, keys: tuple[str, ...]) -> dict:
-    """A run folder's saved training state (a checkpoint with `keys` besides, tensors and plain values only), or a
-    one-line error."""
+def read_training_state(path: Path, keys: tuple[str, ...]) -> tuple[dict, GSASRecExperimentConfig]:
+    """A run folder's saved training state (a checkpoint with `keys` besides, tensors and plain values only) and
+    its config, or a one-line error."""
     try:
         saved = load_tensors_file(path, "training state")
     except GSASRecError as error:
@@ -387,11 +387,7 @@ def read_training_state(path: Path, keys: tuple[str, ...]) -> dict:
     if missing:
         raise GSASRecError(f"{path} is not a training state (no {', '.join(missing)}); start over "
                            "with --fresh or pass another --run-dir")
-    try:
-        GSASRecExperimentConfig.from_dict(saved["config"])
-    except (GSASRecError, TypeError) as error:
-        raise GSASRecError(f"{path} holds a config this version refuses: {error}") from None
-    return saved
+    return saved, checkpoint_config(saved, path)
 
 
 def saved_fields(cls: type, values: dict) -> dict:
@@ -473,7 +469,7 @@ def checkpoint_config(checkpoint: dict, path: str) -> GSASRecExperimentConfig:
     """The config a checkpoint holds, validated as any config is."""
     try:
         return GSASRecExperimentConfig.from_dict(checkpoint["config"])
-    except GSASRecError as error:
+    except (GSASRecError, TypeError) as error:  # TypeError: a saved config that is no dict of fields
         raise GSASRecError(f"{path} holds a config this version refuses: {error}") from None
 
 

@@ -11,7 +11,6 @@ import torch
 from common import add_dataset_options, benchmark_dataset, report
 from dataset_utils import training_batch
 from eval_utils import has_native_bf16
-from fast_training import TableSteps
 from gsasrec import gbce_beta
 from paper_way import paper_way_loss
 from train_gsasrec import TrainingObjective, build_optimizer, sample_negatives
@@ -39,7 +38,7 @@ def main() -> None:
     optimizer = build_optimizer(model, config, in_backward=True)
     generator = torch.Generator(device=device).manual_seed(0)
     beta = gbce_beta(config.negs_per_pos, dataset.num_items, config.gbce_t)
-    objective = TrainingObjective(model, config, beta, getattr(optimizer, "table_steps", TableSteps()))
+    objective = TrainingObjective(model, config, beta, optimizer)
     rng = np.random.RandomState(0)
     users = np.flatnonzero(dataset.train.lengths >= 2)
     seconds = []

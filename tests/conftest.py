@@ -71,6 +71,14 @@ def tiny_config(**overrides) -> GSASRecExperimentConfig:
     return GSASRecExperimentConfig(**{**TINY, **overrides})
 
 
+# The tiny config smaller still, for tests that train many short runs.
+SMALL = dict(sequence_length=10, embedding_dim=16, negs_per_pos=8, max_batches_per_epoch=2)
+
+
+def small_config(**overrides) -> GSASRecExperimentConfig:
+    return tiny_config(**{**SMALL, **overrides})
+
+
 def write_config(path: Path, **overrides) -> Path:
     """A config file of the tiny config with overrides, for the scripts' --config."""
     values = {**TINY, **overrides}

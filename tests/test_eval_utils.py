@@ -13,15 +13,11 @@ from dataset_utils import Sequences, dataset_directory, load_dataset, offsets_fr
 from eval_utils import (evaluate, first_block_tables, ir_measures_metrics, last_hidden_states, ranking_metrics,
                         recommend_batched, screened_top_items, screening_table, top1_calibration)
 from gsasrec import GSASRec
-from tests.conftest import run_script, tiny_config
+from tests.conftest import run_script, small_config
 from tests.references import brute_force_top
 from utils import apply_overrides, atomic_save, build_model, model_checkpoint, recommend_batch
 
 NUM_ITEMS, LENGTH = 200, 12
-
-
-def small_config(**overrides):
-    return tiny_config(**{"sequence_length": 10, "embedding_dim": 16, "negs_per_pos": 8, **overrides})
 
 
 def test_metrics_on_a_hand_made_ranking():

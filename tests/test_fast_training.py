@@ -13,7 +13,7 @@ from dataset_utils import dataset_directory, load_dataset, training_batch
 from eval_utils import has_native_bf16
 from fast_training import BitFieldDropout, TableSteps, training_loss
 from gsasrec import GSASRec, gbce_beta
-from tests.conftest import tiny_config
+from tests.conftest import small_config
 from tests.references import random_batch
 from train_gsasrec import build_optimizer, reference_loss, sample_negatives
 from utils import build_model
@@ -33,11 +33,6 @@ def fast_loss(model: GSASRec, batch: torch.Tensor, config: GSASRecExperimentConf
     """fast_training.training_loss on the negatives train_gsasrec draws with a generator seeded with `seed`."""
     negatives = sample_negatives(batch, config, model.num_items, torch.Generator().manual_seed(seed))
     return training_loss(model, batch, negatives, config, beta, table_steps)
-
-
-def small_config(**overrides) -> GSASRecExperimentConfig:
-    return tiny_config(**{"sequence_length": 10, "embedding_dim": 16, "negs_per_pos": 8, "max_batches_per_epoch": 2,
-                          **overrides})
 
 
 @pytest.mark.parametrize("device", DEVICES)

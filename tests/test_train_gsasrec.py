@@ -20,20 +20,14 @@ from config import GSASRecError, GSASRecExperimentConfig
 from dataset_utils import dataset_directory, ensure_dataset, load_dataset, training_batch
 from eval_utils import evaluate, recommend_batched
 from gsasrec import GSASRec, gbce_beta
-from tests.conftest import REPO, run_main, run_script, tiny_config, write_config, write_synthetic_dataset
+from tests.conftest import (REPO, SMALL, run_main, run_script, small_config, tiny_config, write_config,
+                            write_synthetic_dataset)
 from tests.references import formula_loss, random_batch
 from train_gsasrec import Trainer, reference_loss, sample_negatives, train
 from utils import build_model, load_config, load_model, model_from_checkpoint, read_checkpoint
 
 
 CPU = torch.device("cpu")
-
-
-SMALL = dict(sequence_length=10, embedding_dim=16, negs_per_pos=8, max_batches_per_epoch=2)
-
-
-def small_config(**overrides) -> GSASRecExperimentConfig:
-    return tiny_config(**{**SMALL, **overrides})
 
 
 def write_config_file(path: Path, **overrides) -> Path:
