@@ -111,6 +111,7 @@ class TopItemsGraph(nn.Module):
 
     def forward(self, item_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scores = self.model(item_ids)[:, -1] @ self.model.output_item_embeddings.T
+        # An out-of-place scatter, not GSASRec.top_items' in-place index_put_: exported, that fails in onnxruntime.
         excluded = torch.cat([item_ids, self.non_items.expand(item_ids.shape[0], -1)], dim=1)
         top_scores, top_items = scores.scatter(1, excluded, float("-inf")).topk(self.k, dim=1)
         return top_items, top_scores
