@@ -17,6 +17,8 @@ USER_SAMPLING_MODES = ("uniform", "per_interaction")
 LOSSES = ("gbce", "softmax", "sampled_softmax")
 BLOCKS = ("sasrec", "ligr")
 ENGINES = ("fast", "reference")
+# The fast engine's two ways of scoring per-position negatives (fast_training.ScoringPathTrial).
+SCORING_PATHS = ("gathered", "catalogue")
 # A dataset name is a folder name under datasets/ (and part of file names): no path separators, not hidden.
 DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -94,6 +96,10 @@ class GSASRecExperimentConfig:
     # How training computes the loss and its gradients: "fast" (fast_training.py) or "reference" (plain PyTorch in
     # train_gsasrec.reference_loss with plain Adam; bf16 and bf16_scores unused). Both give the same loss.
     engine: str = "fast"
+    # How the fast engine scores per-position negatives: "gathered" (each target's own k rows), "catalogue" (the
+    # catalogue's product, each target's k picked out), or "auto": the first steps alternate the two (the same loss
+    # and gradients) and the faster is kept, logged and recorded in checkpoints. Fix it for runs repeatable to the bit.
+    per_position_scoring: str = "auto"
     # Budgets: stop after this many optimiser steps / seconds of training (None: no limit).
     max_steps: int | None = None
     max_training_time: float | None = None
@@ -125,6 +131,8 @@ class GSASRecExperimentConfig:
              "logq_correction applies to loss='sampled_softmax' only"),
             (self.block in BLOCKS, f"block must be one of {BLOCKS}, got {self.block!r}"),
             (self.engine in ENGINES, f"engine must be one of {ENGINES}, got {self.engine!r}"),
+            (self.per_position_scoring in ("auto", *SCORING_PATHS),
+             f"per_position_scoring must be one of {('auto', *SCORING_PATHS)}, got {self.per_position_scoring!r}"),
             (not (self.engine == "reference" and self.sparse_item_updates),
              "sparse_item_updates is an optimizer of the fast engine; engine='reference' trains with plain Adam"),
             (self.ligr_feed_forward_multiplier >= 1, "ligr_feed_forward_multiplier must be >= 1"),

@@ -2,14 +2,17 @@
 (tests/test_fast_training.py holds them equal), with far less work and memory on CPUs and large catalogues.
 
 - length groups: on a CPU, rows go through the model in groups of similar length, each cut to its longest row;
-- per-position negatives: each target's own rows gathered (GatheredScores) where they are few for the catalogue,
-  else the catalogue product in blocks of rows, never kept whole (SampledCatalogueScores); the full softmax's
-  normaliser likewise (CatalogueLogSumExp);
+- per-position negatives: each target's own rows (GatheredScores: on a CPU a sampled sparse product), or the
+  catalogue product in blocks of rows, never kept whole (SampledCatalogueScores), whichever the first steps of a run
+  time faster (ScoringPathTrial); the full softmax's normaliser likewise in blocks (CatalogueLogSumExp);
 - item tables: gradients as bags of rows (ItemBags), and Adam's step taken inside backward block by block of rows
   (TableStep), so a million-row table's gradient never exists whole;
 - dropout masks from as few random bits as the rate needs (BitFieldDropout).
 docs/architecture.md shows the seam; docs/performance.md has the measurements behind each path and constant.
 """
+import statistics
+import time
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -17,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.adam import adam
 
-from config import GSASRecError, GSASRecExperimentConfig
+from config import SCORING_PATHS, GSASRecError, GSASRecExperimentConfig
 from dataset_utils import length_groups
 from eval_utils import has_native_bf16
 from gsasrec import GSASRec, gbce_loss, logq_shift, sampled_softmax_loss, softmax_loss
@@ -25,8 +28,9 @@ from gsasrec import GSASRec, gbce_loss, logq_shift, sampled_softmax_loss, softma
 # Tuning constants.
 # Padding a CPU length group may take on before it closes: every group also costs fixed work.
 CPU_GROUP_PADDING = 256
-# Per-position negatives up to this fraction of the catalogue are gathered rather than scored over the catalogue.
-SMALL_K_FRACTION = 0.01
+# Training steps of each way of scoring per-position negatives that per_position_scoring="auto" times (the first of
+# each is a warm-up and not counted).
+TRIAL_STEPS_PER_PATH = 4
 # Target rows per block of the catalogue product: a block's scores stay in cache and every product has one shape
 # (oneDNN's bf16 kernels are rebuilt for every new shape).
 CATALOGUE_BLOCK_ROWS = 256
@@ -155,11 +159,13 @@ class ItemBags:
 
     def __init__(self, items: torch.Tensor, pairs_per_source: int, source_rows: torch.Tensor,
                  weights: torch.Tensor | None, num_rows: int):
-        # int32 keys sort in about half the time of int64's.
-        items, order = items.flatten().to(torch.int32).sort(stable=True)
-        self.counts = torch.bincount(items, minlength=num_rows)
+        # The narrowest keys sort fastest: int16 in about a third of int64's time, int32 in half.
+        key_type = torch.int16 if num_rows <= torch.iinfo(torch.int16).max + 1 else torch.int32
+        items, order = items.flatten().to(key_type).sort(stable=True)
+        self.counts = torch.bincount(items.to(torch.int32), minlength=num_rows)
         self.bounds = F.pad(self.counts.cumsum(0), (1, 0))  # row i's pairs: bounds[i] to bounds[i + 1]
-        self.weights = None if weights is None else weights.flatten()[order]
+        # index_select: about 3x as fast as indexing with a tensor.
+        self.weights = None if weights is None else weights.flatten().index_select(0, order)
         self.sources = order.div_(pairs_per_source, rounding_mode="floor")  # in place: one 30 MB array fewer
         self.source_rows = source_rows
 
@@ -228,6 +234,57 @@ class ItemLookup(torch.autograd.Function):
         return None, None, None
 
 
+def sampled_products(hidden: torch.Tensor, table: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """hidden[i] . table[columns[i, j]], (n, k), as a sampled dense-dense product (SDDMM): each stored entry of a CSR
+    pattern whose row i holds columns[i] in their order, repeats allowed. The CPU kernel computes every stored entry
+    on its own, so the pattern need not be sorted or distinct (tests/test_fast_training.py holds it to a gather)."""
+    count, k = columns.shape
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        pattern = torch.sparse_csr_tensor(torch.arange(0, count * k + 1, k, device=columns.device), columns.flatten(),
+                                          torch.zeros(count * k, dtype=hidden.dtype, device=hidden.device),
+                                          (count, len(table)), check_invariants=False)
+        return torch.sparse.sampled_addmm(pattern, hidden, table.T, beta=0.0).values().view(count, k)
+
+
+class ScoringPathTrial:
+    """Which way training_loss scores per-position negatives: a fixed per_position_scoring as it is; "auto" times
+    whole training steps, the first ones alternating the two ways (the same loss and gradients), each step from its
+    call to the next, and keeps the one with the smaller median. Which wins depends on the catalogue and on whether
+    the CPU multiplies bf16 natively (docs/performance.md)."""
+
+    def __init__(self, setting: str):
+        self.path = None if setting == "auto" else setting
+        self.seconds: dict[str, list[float]] = {path: [] for path in SCORING_PATHS}
+        self.running: tuple[str, float] | None = None  # the path of the step being timed, and when it started
+        self.recorded: dict[str, float] = {}  # a resumed run's medians
+
+    def next_path(self) -> str:
+        """The path for the step about to start (while timing, the previous step ends here)."""
+        if self.path is not None:
+            return self.path
+        now = time.perf_counter()
+        if self.running is not None:
+            self.seconds[self.running[0]].append(now - self.running[1])
+        timed = sum(len(seconds) for seconds in self.seconds.values())
+        if timed == TRIAL_STEPS_PER_PATH * len(SCORING_PATHS):
+            self.path = min(SCORING_PATHS, key=lambda path: self.median_seconds()[path])
+            return self.path
+        self.running = (SCORING_PATHS[timed % len(SCORING_PATHS)], now)
+        return self.running[0]
+
+    def median_seconds(self) -> dict[str, float]:
+        """Each path's median step in seconds (to 0.1 ms), its first (warm-up) step left out."""
+        measured = {path: round(statistics.median(seconds[1:]), 4) for path, seconds in self.seconds.items()
+                    if seconds[1:]}
+        return measured or self.recorded
+
+    def resume(self, path: str, median_seconds: dict[str, float]) -> None:
+        """A resumed run keeps the path its trial chose, so it goes on as it would have (to the bit)."""
+        if self.path is None and path in SCORING_PATHS:
+            self.path, self.recorded = path, median_seconds
+
+
 class GatheredScores(torch.autograd.Function):
     """Scores of each target's own k negatives, (n, k): hidden rows dotted with their gathered table rows, in
     chunks of rows so the (n, k, E) embeddings never exist at once. The backward needs no (n, k, E) either: the
@@ -239,6 +296,8 @@ class GatheredScores(torch.autograd.Function):
                 table_step: TableStep | None) -> torch.Tensor:
         ctx.save_for_backward(hidden, table, negatives)
         ctx.sparse, ctx.table_step = sparse, table_step
+        if hidden.device.type == "cpu" and negatives.shape[1] <= len(table):  # more, and the product refuses
+            return sampled_products(hidden, table, negatives)
         chunk = max(1, GATHERED_NUMBERS_PER_CHUNK // (negatives.shape[1] * hidden.shape[1]))
         # Rows gathered as bags of one: faster than F.embedding's index_select on large tables.
         gathered = (F.embedding_bag(chunk_negatives.reshape(-1, 1), table, mode="sum").view(*chunk_negatives.shape, -1)
@@ -288,10 +347,11 @@ def score_group(model: GSASRec, rows: torch.Tensor, item_vectors: torch.Tensor, 
 
 
 def training_loss(model: GSASRec, batch: torch.Tensor, negatives: torch.Tensor | None,
-                  config: GSASRecExperimentConfig, beta: float, table_steps: TableSteps = TableSteps()) -> torch.Tensor:
+                  config: GSASRecExperimentConfig, beta: float, table_steps: TableSteps = TableSteps(),
+                  scoring_path: str = "gathered") -> torch.Tensor:
     """train_gsasrec.reference_loss, fast: the config's loss over every non-padded position of a (batch, width)
     window, negatives as train_gsasrec.sample_negatives draws them. table_steps: the item tables that backward
-    steps (AdamWithSeparateTables.table_steps).
+    steps (AdamWithSeparateTables.table_steps); scoring_path: one of SCORING_PATHS for per-position negatives.
 
     On a CPU, rows go through score_group in groups of similar length: the same loss as one padded pass
     (sequences do not interact), with fewer positions. Positives and per-position negatives are scored after all
@@ -313,9 +373,18 @@ def training_loss(model: GSASRec, batch: torch.Tensor, negatives: torch.Tensor |
               for group, rows, rows_vectors in zip(groups, grouped.split(sizes), item_vectors)]
     hidden = torch.cat([group.hidden for group in scores])
     labels = torch.cat([group.labels for group in scores])
+    per_position = sampled and not per_sequence
+    if per_position:
+        # The draw is in row-major order of the targets (target_numbers): the hidden states are put in that order,
+        # not the negatives, which are (k / E) times as large.
+        target_numbers = is_target.flatten().cumsum(0).view(is_target.shape) - 1
+        grouped_numbers = torch.cat([target_numbers[group][is_target[group]] for group in groups])
+        in_draw_order = torch.empty_like(grouped_numbers)
+        in_draw_order[grouped_numbers] = torch.arange(len(grouped_numbers), device=batch.device)
+        hidden, labels = hidden[in_draw_order], labels[in_draw_order]
     table, sparse = model.output_item_embeddings, model.item_embedding.sparse
     catalogue_dtype = torch.bfloat16 if config.bf16_scores and has_native_bf16(batch.device) else torch.float32
-    gathered = sampled and not per_sequence and config.negs_per_pos <= SMALL_K_FRACTION * model.num_items
+    gathered = per_position and scoring_path == "gathered"
     if not gathered:
         positive = (hidden * F.embedding(labels, table, sparse=sparse)).sum(-1)
     if not sampled:
@@ -323,17 +392,13 @@ def training_loss(model: GSASRec, batch: torch.Tensor, negatives: torch.Tensor |
     if per_sequence:
         negative = torch.cat([group.negative for group in scores])
     else:
-        # The draw is in row-major order of the targets: target_numbers[row, column] is a target's row of it.
-        target_numbers = is_target.flatten().cumsum(0).view(is_target.shape) - 1
-        negatives = negatives[torch.cat([target_numbers[group][is_target[group]] for group in groups])]
         if gathered:
-            # Few negatives for the catalogue (SASRec's k = 1, or k = 256 of 10^5 items and more): each target's own
-            # rows gathered, its positive in column 0, so the table gets one gradient instead of two to add up.
+            # Each target's own rows, its positive in column 0, so the table gets one gradient instead of two to add.
             scored = GatheredScores.apply(hidden, table, torch.cat([labels.unsqueeze(1), negatives], 1), sparse,
                                           table_steps.output)
             positive, negative = scored[:, 0], scored[:, 1:]
         else:
-            # Many for the catalogue: scoring all of it and gathering is far cheaper than (n, k, E).
+            # The catalogue scored and each target's k picked out: no (n, k, E), and fast products where bf16 is native.
             negative = SampledCatalogueScores.apply(hidden, table, negatives, catalogue_dtype, sparse)
     if config.loss == "sampled_softmax":
         shift = logq_shift(config.negs_per_pos, model.num_items) if config.logq_correction else 0.0

@@ -96,11 +96,15 @@ class TrainingObjective(nn.Module):
         self.model, self.config, self.beta = model, config, beta
         # The item tables the fast engine's optimizer steps in backward; none for a plain Adam.
         self.table_steps = getattr(optimizer, "table_steps", fast_training.TableSteps())
+        # How the fast engine scores per-position negatives; None where it does not draw them.
+        per_position = config.loss != "softmax" and config.negative_sampling == "per_position"
+        self.scoring = fast_training.ScoringPathTrial(config.per_position_scoring) if per_position else None
 
     def forward(self, batch: torch.Tensor, negatives: torch.Tensor | None) -> torch.Tensor:
         if self.config.engine == "reference":
             return reference_loss(self.model, batch, negatives, self.config, self.beta)
-        return fast_training.training_loss(self.model, batch, negatives, self.config, self.beta, self.table_steps)
+        return fast_training.training_loss(self.model, batch, negatives, self.config, self.beta, self.table_steps,
+                                           self.scoring.next_path() if self.scoring else "gathered")
 
 
 def build_optimizer(model: GSASRec, config: GSASRecExperimentConfig, in_backward: bool) -> torch.optim.Optimizer:
@@ -140,6 +144,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(learning_rate_factor, config))
         beta = gbce_beta(config.negs_per_pos, dataset.num_items, config.gbce_t)
         objective = TrainingObjective(self.model, config, beta, self.optimizer)
+        self.scoring = objective.scoring if config.engine == "fast" else None
+        self.scoring_announced = False
         self.objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda"
                                                  else None) if world_size > 1 else objective
         self.trainable_rows = np.flatnonzero(dataset.train.lengths >= 2)
@@ -211,6 +217,9 @@ class Trainer:
             # The saved run's kernel choice may not exist on this device: take this device's.
             group["fused"] = self.optimizer.defaults["fused"]
         self.scheduler.load_state_dict(saved["scheduler_state"])
+        made = saved.get("training", {})
+        if self.scoring is not None and "per_position_scoring" in made:
+            self.scoring.resume(made["per_position_scoring"], made.get("scoring_trial_median_s", {}))
         vars(self.progress).update(saved_fields(Progress, saved["progress"]))
         if self.averaged is not None:
             self.averaged.module.load_state_dict(saved["model_state"])
@@ -308,8 +317,20 @@ class Trainer:
 
     def training_record(self) -> dict:
         """How the weights were made, for checkpoints: training seconds and steps so far, and the machine."""
+        scoring = {} if self.scoring is None or self.scoring.path is None else {
+            "per_position_scoring": self.scoring.path,
+            "scoring_trial_median_s": self.scoring.median_seconds()}
         return {"seconds": round(self.progress.elapsed_seconds, 3), "steps": self.progress.step,
-                "world_size": self.world_size, **machine_description(self.device)}
+                "world_size": self.world_size, **machine_description(self.device), **scoring}
+
+    def announce_scoring(self) -> None:
+        """Says once how per-position negatives are scored, and the timings that chose it."""
+        if self.scoring is None or self.scoring.path is None or self.scoring_announced:
+            return
+        self.scoring_announced = True
+        timings = ", ".join(f"{path} {seconds:.3f} s" for path, seconds in self.scoring.median_seconds().items())
+        self.say(f"Per-position negatives are scored {self.scoring.path} " +
+                 (f"(median steps: {timings})" if timings else "(per_position_scoring)"))
 
     def keep_if_best(self, validation: dict[str, float]) -> None:
         progress = self.progress
@@ -378,6 +399,7 @@ class Trainer:
                         return self.pause(reason)
                     start = progress.batch_in_epoch * config.train_batch_size
                     loss = self.train_step(shard[start:start + config.train_batch_size])
+                    self.announce_scoring()
                     progress.step += 1
                     progress.batch_in_epoch += 1
                     progress.epoch_loss_sum += loss

@@ -1,4 +1,5 @@
-"""Seconds per training step of a config (default: the ML-1M gSASRec config), printed as one JSON line.
+"""Seconds per training step of a config (default: the ML-1M gSASRec config), printed as one JSON line. With
+per_position_scoring="auto" the steps of its trial are untimed, and the path it chose and its timings are printed.
 
 --paper-way times the step as the official port computes it (per-position negatives gathered into a
 (batch, L, k + 1, E) tensor, the loss in float64, one padded pass) with this repository's model: a baseline
@@ -41,8 +42,9 @@ def main() -> None:
     objective = TrainingObjective(model, config, beta, optimizer)
     rng = np.random.RandomState(0)
     users = np.flatnonzero(dataset.train.lengths >= 2)
-    seconds = []
-    for step in range(args.warmup + args.steps):
+    seconds, step = [], 0
+    scoring = None if args.paper_way else objective.scoring
+    while len(seconds) < args.steps:
         started = time.perf_counter()
         batch = training_batch(dataset, rng.choice(users, config.train_batch_size, replace=False), config,
                                generator).to(device)
@@ -57,7 +59,9 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        if step >= args.warmup:
+        step += 1
+        # Warm-up steps, and per_position_scoring="auto"'s trial steps, are not timed.
+        if step > args.warmup and (scoring is None or scoring.path is not None):
             seconds.append(time.perf_counter() - started)
     extra = {"peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)} if device.type == "cuda" else {}
     report(benchmark="train_step_paper_way" if args.paper_way else "train_step", dataset=dataset_name,
@@ -65,7 +69,8 @@ def main() -> None:
            negative_sampling="per_position" if args.paper_way else config.negative_sampling,
            bf16=config.bf16 and has_native_bf16(device),
            bf16_scores=config.bf16_scores and has_native_bf16(device), batch_size=config.train_batch_size,
-           negs_per_pos=config.negs_per_pos,
+           negs_per_pos=config.negs_per_pos, scoring_path=scoring and scoring.path,
+           scoring_trial_median_s=scoring and scoring.median_seconds(),
            median_s=round(float(np.median(seconds)), 4), min_s=round(min(seconds), 4), steps=args.steps,
            device=str(device), **extra)
 

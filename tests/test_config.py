@@ -190,6 +190,7 @@ BAD_VALUE_PER_FIELD = {
     "weight_averaging_decay": ("1.5", r"weight_averaging_decay must be in \(0, 1\)"),
     "selection_start_step": ("-1", "selection_start_step must be >= 0"),
     "engine": ("slow", "engine must be one of"),
+    "per_position_scoring": ("fastest", "per_position_scoring must be one of"),
     "max_steps": ("0", "max_steps must be >= 1"),
     "max_training_time": ("-5", "max_training_time must be > 0"),
 }

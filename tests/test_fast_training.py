@@ -20,27 +20,28 @@ from utils import build_model
 
 NUM_ITEMS, LENGTH = 200, 12
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
-# loss, negative_sampling, k, logq_correction: over 200 items k = 1 takes the gathering path of per-position
-# negatives, k = 7 and 40 the catalogue one.
-CASES = [("gbce", "per_position", 1, False), ("gbce", "per_position", 7, False), ("gbce", "per_position", 40, False),
-         ("gbce", "per_sequence", 7, False), ("softmax", "per_position", 1, False),
-         ("sampled_softmax", "per_position", 7, True), ("sampled_softmax", "per_position", 1, True),
-         ("sampled_softmax", "per_sequence", 16, False)]
+# loss, negative_sampling, k, logq_correction, scoring_path (how per-position negatives are scored)
+CASES = [("gbce", "per_position", 1, False, "gathered"), ("gbce", "per_position", 7, False, "catalogue"),
+         ("gbce", "per_position", 7, False, "gathered"), ("gbce", "per_position", 40, False, "catalogue"),
+         ("gbce", "per_position", 40, False, "gathered"), ("gbce", "per_sequence", 7, False, "gathered"),
+         ("softmax", "per_position", 1, False, "gathered"), ("sampled_softmax", "per_position", 7, True, "catalogue"),
+         ("sampled_softmax", "per_position", 1, True, "gathered"),
+         ("sampled_softmax", "per_sequence", 16, False, "gathered")]
 
 
 def fast_loss(model: GSASRec, batch: torch.Tensor, config: GSASRecExperimentConfig, beta: float, seed: int,
-              table_steps: TableSteps = TableSteps()) -> torch.Tensor:
+              table_steps: TableSteps = TableSteps(), scoring_path: str = "gathered") -> torch.Tensor:
     """fast_training.training_loss on the negatives train_gsasrec draws with a generator seeded with `seed`."""
     negatives = sample_negatives(batch, config, model.num_items, torch.Generator().manual_seed(seed))
-    return training_loss(model, batch, negatives, config, beta, table_steps)
+    return training_loss(model, batch, negatives, config, beta, table_steps, scoring_path)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("block", ["sasrec", "ligr"])
 @pytest.mark.parametrize("sparse", [False, True])
-@pytest.mark.parametrize("loss, negative_sampling, k, logq_correction", CASES)
-def test_the_fast_loss_and_gradients_equal_the_reference(loss, negative_sampling, k, logq_correction, sparse, block,
-                                                         device, monkeypatch):
+@pytest.mark.parametrize("loss, negative_sampling, k, logq_correction, scoring_path", CASES)
+def test_the_fast_loss_and_gradients_equal_the_reference(loss, negative_sampling, k, logq_correction, scoring_path,
+                                                         sparse, block, device, monkeypatch):
     """Same negatives, same loss and gradients: on a CPU through many length groups, catalogue products in blocks of
     32 rows and gathered rows in chunks of 3; on a GPU in one group. With sparse item gradients the tables' gradients
     are the same, as sparse tensors."""
@@ -56,7 +57,7 @@ def test_the_fast_loss_and_gradients_equal_the_reference(loss, negative_sampling
     batch = random_batch(NUM_ITEMS, LENGTH).to(device)
     negatives = sample_negatives(batch, config, NUM_ITEMS, torch.Generator(device).manual_seed(5))
     beta = gbce_beta(k, NUM_ITEMS, 0.5)
-    fast, reference = (training_loss(model, batch, negatives, config, beta),
+    fast, reference = (training_loss(model, batch, negatives, config, beta, scoring_path=scoring_path),
                        reference_loss(model, batch, negatives, config, beta))
     assert fast.item() == pytest.approx(reference.item(), rel=1e-5)
     gradients = []
@@ -97,7 +98,7 @@ def test_bf16_catalogue_scores_agree_with_float32_and_only_where_native(monkeypa
     results = []
     for bf16_scores in (False, True):
         model.zero_grad()
-        loss = fast_loss(model, batch, replace(config, bf16_scores=bf16_scores), beta, seed=1)
+        loss = fast_loss(model, batch, replace(config, bf16_scores=bf16_scores), beta, seed=1, scoring_path="catalogue")
         loss.backward()
         results.append((loss.item(), model.output_item_embeddings.grad.clone()))
     (loss32, grad32), (loss16, grad16) = results
@@ -144,7 +145,6 @@ def test_the_item_tables_take_adams_updates_and_in_backward_no_gradient(syntheti
     as one Adam over the model does. In backward, the input table never holds a gradient, nor does the output table
     where its negatives are gathered; scored over the catalogue, its gradient is made whole and stepped after."""
     monkeypatch.setattr(fast_training, "TABLE_STEP_BLOCK_ROWS", block_rows)
-    monkeypatch.setattr(fast_training, "SMALL_K_FRACTION", 1.0 if gathered else 0.0)
     dataset = load_dataset(dataset_directory("successor"))
     config = small_config(negative_sampling="per_position")
     models = []
@@ -161,7 +161,7 @@ def test_the_item_tables_take_adams_updates_and_in_backward_no_gradient(syntheti
             optimizer.zero_grad(set_to_none=True)
             torch.manual_seed(step)  # the same dropout masks for both
             steps = optimizer.table_steps if model is models[1] else TableSteps()
-            fast_loss(model, batch, config, 0.5, step, steps).backward()
+            fast_loss(model, batch, config, 0.5, step, steps, "gathered" if gathered else "catalogue").backward()
             if model is models[1]:
                 table_gradients.append([table.grad is not None for table in tables])
             optimizer.step()
@@ -214,6 +214,36 @@ def test_sparse_item_updates_are_adam_on_the_touched_rows_and_leave_the_others(s
     assert (moved(dense, before_second[0])[first_only] > 0).all()
     assert (moved(lazy, before_second[1])[first_only] == 0).all()
     assert torch.allclose(dense[second], lazy[second], atol=1e-6)
+
+
+def test_sampled_products_are_each_rows_dot_products_with_repeats_and_any_order():
+    """The CPU's sampled sparse product scores every (row, column) pair as a gather and dot product does, with
+    columns repeated within a row and in no order: the CSR invariants it does not check are not needed."""
+    torch.manual_seed(0)
+    hidden, table = torch.randn(300, 16), torch.randn(40, 16)
+    columns = torch.randint(0, 40, (300, 30))
+    assert (columns[:, 1:] < columns[:, :-1]).any() and (columns.sort(1).values.diff(dim=1) == 0).any()
+    expected = (table[columns] * hidden.unsqueeze(1)).sum(-1)
+    assert torch.allclose(fast_training.sampled_products(hidden, table, columns), expected, atol=1e-5)
+
+
+def test_the_scoring_trial_alternates_the_paths_then_keeps_the_faster(monkeypatch):
+    """per_position_scoring="auto": the paths alternate for TRIAL_STEPS_PER_PATH steps each, each step timed from
+    its call to the next; the lower median (first step of each left out) is kept from then on. A fixed setting is
+    used from the first step."""
+    step_seconds = {"gathered": [9.0, 2.0, 2.0, 2.0], "catalogue": [1.0, 3.0, 1.0, 1.0]}
+    now = [0.0]
+    monkeypatch.setattr(fast_training.time, "perf_counter", lambda: now[0])
+    trial = fast_training.ScoringPathTrial("auto")
+    paths = []
+    for _ in range(9):
+        paths.append(trial.next_path())
+        if len(paths) <= 8:
+            now[0] += step_seconds[paths[-1]][sum(path == paths[-1] for path in paths) - 1]
+    assert paths[:8] == ["gathered", "catalogue"] * 4 and paths[8] == "catalogue" == trial.path
+    assert trial.median_seconds() == {"gathered": 2.0, "catalogue": 1.0}
+    assert [trial.next_path() for _ in range(3)] == ["catalogue"] * 3
+    assert fast_training.ScoringPathTrial("gathered").next_path() == "gathered"
 
 
 @pytest.mark.parametrize("rate,bits", [(0.5, 1), (0.25, 2), (0.75, 2), (0.0625, 4), (0.3, 16)])

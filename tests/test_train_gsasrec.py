@@ -106,6 +106,29 @@ def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(synthetic_data
     assert logs[0] == logs[1] and len(logs[0]) == 3
 
 
+def test_the_scoring_path_a_run_times_is_said_recorded_and_kept_on_resuming(synthetic_datasets_dir, tmp_path, capsys):
+    """per_position_scoring="auto": the trial's choice and timings are printed once and saved in the training record;
+    a resumed run keeps that path (set here to the one not chosen, to see it kept) instead of timing again."""
+    dataset = load_dataset(dataset_directory("successor"))
+    config = lambda steps: tiny_config(max_steps=steps, negative_sampling="per_position",  # noqa: E731
+                                       per_position_scoring="auto")
+    train(config(12), dataset, tmp_path / "run", torch.device("cpu"), progress=False)
+    state_path = tmp_path / "run" / "train_state.pt"
+    made = read_checkpoint(str(state_path))["training"]
+    assert made["per_position_scoring"] in ("gathered", "catalogue")
+    assert set(made["scoring_trial_median_s"]) == {"gathered", "catalogue"}
+    assert capsys.readouterr().out.count(f"Per-position negatives are scored {made['per_position_scoring']} "
+                                         "(median steps: ") == 1
+    other = "catalogue" if made["per_position_scoring"] == "gathered" else "gathered"
+    state = torch.load(state_path, weights_only=False)
+    state["training"]["per_position_scoring"] = other
+    torch.save(state, state_path)
+    trainer = Trainer(config(14), dataset, tmp_path / "run", torch.device("cpu"), progress=False)
+    trainer.run()
+    assert trainer.scoring.path == other and trainer.scoring.seconds == {"gathered": [], "catalogue": []}
+    assert read_checkpoint(str(state_path))["training"]["per_position_scoring"] == other
+
+
 def test_weight_averaging_validates_and_ships_the_moving_average(synthetic_datasets_dir, tmp_path):
     dataset = load_dataset(dataset_directory("successor"))
     saved = lambda: read_checkpoint(str(tmp_path / "run" / "train_state.pt"))  # noqa: E731
