@@ -286,8 +286,9 @@ class ScoringPathTrial:
 
 
 class GatheredScores(torch.autograd.Function):
-    """Scores of each target's own k negatives, (n, k): hidden rows dotted with their gathered table rows, in
-    chunks of rows so the (n, k, E) embeddings never exist at once. The backward needs no (n, k, E) either: the
+    """Scores of each target's own k negatives, (n, k): on a CPU a sampled sparse product (sampled_products), else
+    hidden rows dotted with their gathered table rows in chunks of rows, so the (n, k, E) embeddings never exist
+    at once. The backward needs no (n, k, E) either: the
     hidden gradient is an embedding_bag of the table weighted by the score gradient, and the table gradient bags
     of the hidden rows (ItemBags): dense, sparse (the rows drawn), or taken by a TableStep."""
 
