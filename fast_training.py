@@ -10,7 +10,6 @@
 - dropout masks from as few random bits as the rate needs (BitFieldDropout).
 docs/architecture.md shows the seam; docs/performance.md has the measurements behind each path and constant.
 """
-import statistics
 import time
 import warnings
 from typing import NamedTuple
@@ -28,9 +27,12 @@ from gsasrec import GSASRec, gbce_loss, logq_shift, sampled_softmax_loss, softma
 # Tuning constants.
 # Padding a CPU length group may take on before it closes: every group also costs fixed work.
 CPU_GROUP_PADDING = 256
-# Training steps of each way of scoring per-position negatives that per_position_scoring="auto" times (the first of
-# each is a warm-up and not counted).
-TRIAL_STEPS_PER_PATH = 4
+# Timed training steps of each way of scoring per-position negatives under per_position_scoring="auto", after one
+# untimed warm-up step (docs/performance.md).
+TRIAL_STEPS_PER_PATH = 5
+# A way whose fastest step so far is this many times the other's loses at once: a step through the catalogue product
+# of a million items takes 50 times a gathered one.
+TRIAL_CLEAR_FACTOR = 4.0
 # Target rows per block of the catalogue product: a block's scores stay in cache and every product has one shape
 # (oneDNN's bf16 kernels are rebuilt for every new shape).
 CATALOGUE_BLOCK_ROWS = 256
@@ -162,7 +164,7 @@ class ItemBags:
         # The narrowest keys sort fastest: int16 in about a third of int64's time, int32 in half.
         key_type = torch.int16 if num_rows <= torch.iinfo(torch.int16).max + 1 else torch.int32
         items, order = items.flatten().to(key_type).sort(stable=True)
-        self.counts = torch.bincount(items.to(torch.int32), minlength=num_rows)
+        self.counts = torch.bincount(items, minlength=num_rows)
         self.bounds = F.pad(self.counts.cumsum(0), (1, 0))  # row i's pairs: bounds[i] to bounds[i + 1]
         # index_select: about 3x as fast as indexing with a tensor.
         self.weights = None if weights is None else weights.flatten().index_select(0, order)
@@ -241,7 +243,8 @@ def sampled_products(hidden: torch.Tensor, table: torch.Tensor, columns: torch.T
     count, k = columns.shape
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-        pattern = torch.sparse_csr_tensor(torch.arange(0, count * k + 1, k, device=columns.device), columns.flatten(),
+        pattern = torch.sparse_csr_tensor(torch.arange(0, count * k + 1, k, dtype=columns.dtype, device=columns.device),
+                                          columns.flatten(),
                                           torch.zeros(count * k, dtype=hidden.dtype, device=hidden.device),
                                           (count, len(table)), check_invariants=False)
         return torch.sparse.sampled_addmm(pattern, hidden, table.T, beta=0.0).values().view(count, k)
@@ -249,40 +252,48 @@ def sampled_products(hidden: torch.Tensor, table: torch.Tensor, columns: torch.T
 
 class ScoringPathTrial:
     """Which way training_loss scores per-position negatives: a fixed per_position_scoring as it is; "auto" times
-    whole training steps, the first ones alternating the two ways (the same loss and gradients), each step from its
-    call to the next, and keeps the one with the smaller median. Which wins depends on the catalogue and on whether
-    the CPU multiplies bf16 natively (docs/performance.md)."""
+    whole training steps and keeps the faster way. After one untimed warm-up step the two ways alternate (the same
+    loss and gradients), each step timed from its call to the next, per target it scored (batches differ); the
+    fastest step of each decides, since other work on the machine only ever slows a step down. Which wins depends
+    on the catalogue and on whether the CPU multiplies bf16 natively (docs/performance.md)."""
 
     def __init__(self, setting: str):
         self.path = None if setting == "auto" else setting
-        self.seconds: dict[str, list[float]] = {path: [] for path in SCORING_PATHS}
-        self.running: tuple[str, float] | None = None  # the path of the step being timed, and when it started
-        self.recorded: dict[str, float] = {}  # a resumed run's medians
+        self.seconds: dict[str, list[float]] = {path: [] for path in SCORING_PATHS}  # per target, step by step
+        # The step being timed: its way (None for the warm-up), its start and its targets.
+        self.running: tuple[str | None, float, int] | None = None
+        self.recorded: dict[str, float] = {}  # a resumed run's timings
 
-    def next_path(self) -> str:
-        """The path for the step about to start (while timing, the previous step ends here)."""
+    def next_path(self, targets: int) -> str:
+        """The way for the step about to start, which scores `targets` targets (while timing, the previous step
+        ends here)."""
         if self.path is not None:
             return self.path
         now = time.perf_counter()
-        if self.running is not None:
-            self.seconds[self.running[0]].append(now - self.running[1])
+        if self.running is None:
+            self.running = (None, now, targets)
+            return SCORING_PATHS[0]
+        path, started, running_targets = self.running
+        if path is not None:
+            self.seconds[path].append((now - started) / max(running_targets, 1))
+        timings = self.microseconds_per_target()
         timed = sum(len(seconds) for seconds in self.seconds.values())
-        if timed == TRIAL_STEPS_PER_PATH * len(SCORING_PATHS):
-            self.path = min(SCORING_PATHS, key=lambda path: self.median_seconds()[path])
+        clear = len(timings) == 2 and max(timings.values()) > TRIAL_CLEAR_FACTOR * min(timings.values())
+        if clear or timed == TRIAL_STEPS_PER_PATH * len(SCORING_PATHS):
+            self.path = min(timings, key=timings.get)
             return self.path
-        self.running = (SCORING_PATHS[timed % len(SCORING_PATHS)], now)
+        self.running = (SCORING_PATHS[(timed + 1) % len(SCORING_PATHS)], now, targets)
         return self.running[0]
 
-    def median_seconds(self) -> dict[str, float]:
-        """Each path's median step in seconds (to 0.1 ms), its first (warm-up) step left out."""
-        measured = {path: round(statistics.median(seconds[1:]), 4) for path, seconds in self.seconds.items()
-                    if seconds[1:]}
+    def microseconds_per_target(self) -> dict[str, float]:
+        """Each way's fastest step so far, in microseconds per target scored (to 0.01)."""
+        measured = {path: round(min(seconds) * 1e6, 2) for path, seconds in self.seconds.items() if seconds}
         return measured or self.recorded
 
-    def resume(self, path: str, median_seconds: dict[str, float]) -> None:
-        """A resumed run keeps the path its trial chose, so it goes on as it would have (to the bit)."""
+    def resume(self, path: str, timings: dict[str, float]) -> None:
+        """A resumed run keeps the way its trial chose, so it goes on as it would have (to the bit)."""
         if self.path is None and path in SCORING_PATHS:
-            self.path, self.recorded = path, median_seconds
+            self.path, self.recorded = path, timings
 
 
 class GatheredScores(torch.autograd.Function):
@@ -394,9 +405,11 @@ def training_loss(model: GSASRec, batch: torch.Tensor, negatives: torch.Tensor |
         negative = torch.cat([group.negative for group in scores])
     else:
         if gathered:
-            # Each target's own rows, its positive in column 0, so the table gets one gradient instead of two to add.
-            scored = GatheredScores.apply(hidden, table, torch.cat([labels.unsqueeze(1), negatives], 1), sparse,
-                                          table_steps.output)
+            # Each target's own rows, its positive in column 0, so the table gets one gradient instead of two to add;
+            # int32 ids, half the bytes of int64 to write and read.
+            columns = torch.empty(len(labels), negatives.shape[1] + 1, dtype=torch.int32, device=labels.device)
+            columns[:, 0], columns[:, 1:] = labels, negatives
+            scored = GatheredScores.apply(hidden, table, columns, sparse, table_steps.output)
             positive, negative = scored[:, 0], scored[:, 1:]
         else:
             # The catalogue scored and each target's k picked out: no (n, k, E), and fast products where bf16 is native.

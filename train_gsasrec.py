@@ -104,7 +104,7 @@ class TrainingObjective(nn.Module):
         if self.config.engine == "reference":
             return reference_loss(self.model, batch, negatives, self.config, self.beta)
         return fast_training.training_loss(self.model, batch, negatives, self.config, self.beta, self.table_steps,
-                                           self.scoring.next_path() if self.scoring else "gathered")
+                                           self.scoring.next_path(len(negatives)) if self.scoring else "gathered")
 
 
 def build_optimizer(model: GSASRec, config: GSASRecExperimentConfig, in_backward: bool) -> torch.optim.Optimizer:
@@ -219,7 +219,7 @@ class Trainer:
         self.scheduler.load_state_dict(saved["scheduler_state"])
         made = saved.get("training", {})
         if self.scoring is not None and "per_position_scoring" in made:
-            self.scoring.resume(made["per_position_scoring"], made.get("scoring_trial_median_s", {}))
+            self.scoring.resume(made["per_position_scoring"], made.get("scoring_trial_us_per_target", {}))
         vars(self.progress).update(saved_fields(Progress, saved["progress"]))
         if self.averaged is not None:
             self.averaged.module.load_state_dict(saved["model_state"])
@@ -319,7 +319,7 @@ class Trainer:
         """How the weights were made, for checkpoints: training seconds and steps so far, and the machine."""
         scoring = {} if self.scoring is None or self.scoring.path is None else {
             "per_position_scoring": self.scoring.path,
-            "scoring_trial_median_s": self.scoring.median_seconds()}
+            "scoring_trial_us_per_target": self.scoring.microseconds_per_target()}
         return {"seconds": round(self.progress.elapsed_seconds, 3), "steps": self.progress.step,
                 "world_size": self.world_size, **machine_description(self.device), **scoring}
 
@@ -328,9 +328,9 @@ class Trainer:
         if self.scoring is None or self.scoring.path is None or self.scoring_announced:
             return
         self.scoring_announced = True
-        timings = ", ".join(f"{path} {seconds:.3f} s" for path, seconds in self.scoring.median_seconds().items())
+        timings = ", ".join(f"{path} {value:.1f} µs" for path, value in self.scoring.microseconds_per_target().items())
         self.say(f"Per-position negatives are scored {self.scoring.path} " +
-                 (f"(median steps: {timings})" if timings else "(per_position_scoring)"))
+                 (f"(fastest step per target: {timings})" if timings else "(per_position_scoring)"))
 
     def keep_if_best(self, validation: dict[str, float]) -> None:
         progress = self.progress

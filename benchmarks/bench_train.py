@@ -70,7 +70,7 @@ def main() -> None:
            bf16=config.bf16 and has_native_bf16(device),
            bf16_scores=config.bf16_scores and has_native_bf16(device), batch_size=config.train_batch_size,
            negs_per_pos=config.negs_per_pos, scoring_path=scoring and scoring.path,
-           scoring_trial_median_s=scoring and scoring.median_seconds(),
+           scoring_trial_us_per_target=scoring and scoring.microseconds_per_target(),
            median_s=round(float(np.median(seconds)), 4), min_s=round(min(seconds), 4), steps=args.steps,
            device=str(device), **extra)
 

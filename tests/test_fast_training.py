@@ -227,23 +227,39 @@ def test_sampled_products_are_each_rows_dot_products_with_repeats_and_any_order(
     assert torch.allclose(fast_training.sampled_products(hidden, table, columns), expected, atol=1e-5)
 
 
-def test_the_scoring_trial_alternates_the_paths_then_keeps_the_faster(monkeypatch):
-    """per_position_scoring="auto": the paths alternate for TRIAL_STEPS_PER_PATH steps each, each step timed from
-    its call to the next; the lower median (first step of each left out) is kept from then on. A fixed setting is
-    used from the first step."""
-    step_seconds = {"gathered": [9.0, 2.0, 2.0, 2.0], "catalogue": [1.0, 3.0, 1.0, 1.0]}
+def trial_run(monkeypatch, step_seconds: dict[str, list[float]], targets: dict[str, int]):
+    """A ScoringPathTrial("auto") over steps that take step_seconds[path][i] seconds (the warm-up 1 s) and score
+    targets[path] targets, the paths alternating from catalogue after the warm-up: (the trial, the paths of its
+    steps until it decides, that deciding step's included)."""
     now = [0.0]
     monkeypatch.setattr(fast_training.time, "perf_counter", lambda: now[0])
-    trial = fast_training.ScoringPathTrial("auto")
-    paths = []
-    for _ in range(9):
-        paths.append(trial.next_path())
-        if len(paths) <= 8:
-            now[0] += step_seconds[paths[-1]][sum(path == paths[-1] for path in paths) - 1]
-    assert paths[:8] == ["gathered", "catalogue"] * 4 and paths[8] == "catalogue" == trial.path
-    assert trial.median_seconds() == {"gathered": 2.0, "catalogue": 1.0}
-    assert [trial.next_path() for _ in range(3)] == ["catalogue"] * 3
-    assert fast_training.ScoringPathTrial("gathered").next_path() == "gathered"
+    trial, paths = fast_training.ScoringPathTrial("auto"), []
+    while trial.path is None:
+        expected = "gathered" if len(paths) % 2 == 0 else "catalogue"
+        paths.append(trial.next_path(targets[expected] if paths else 1))
+        if trial.path is None:
+            now[0] += 1.0 if len(paths) == 1 else step_seconds[paths[-1]][paths[1:].count(paths[-1]) - 1]
+    return trial, paths
+
+
+def test_the_scoring_trial_alternates_the_paths_then_keeps_the_fastest_per_target(monkeypatch):
+    """After a warm-up step the paths alternate, TRIAL_STEPS_PER_PATH timed steps each; the fastest step per target
+    decides and is kept: here catalogue's steps are shorter but score fewer targets. A fixed setting is used from the
+    first step."""
+    steps = fast_training.TRIAL_STEPS_PER_PATH
+    trial, paths = trial_run(monkeypatch, {"gathered": [3.0] + [2.0] * (steps - 1), "catalogue": [1.9] * steps},
+                             {"gathered": 100, "catalogue": 90})
+    assert paths[:-1] == ["gathered"] + ["catalogue", "gathered"] * steps and paths[-1] == "gathered" == trial.path
+    assert trial.microseconds_per_target() == {"gathered": 20000.0, "catalogue": round(1.9 / 90 * 1e6, 2)}
+    assert [trial.next_path(10) for _ in range(3)] == ["gathered"] * 3
+    assert fast_training.ScoringPathTrial("catalogue").next_path(10) == "catalogue"
+
+
+def test_a_path_many_times_slower_loses_the_trial_at_once(monkeypatch):
+    """A catalogue step TRIAL_CLEAR_FACTOR times a gathered one's (a million items) is run once, not five times."""
+    trial, paths = trial_run(monkeypatch, {"gathered": [1.0] * 5, "catalogue": [50.0] * 5},
+                             {"gathered": 100, "catalogue": 100})
+    assert paths == ["gathered", "catalogue", "gathered", "gathered"] and trial.path == "gathered"
 
 
 @pytest.mark.parametrize("rate,bits", [(0.5, 1), (0.25, 2), (0.75, 2), (0.0625, 4), (0.3, 16)])

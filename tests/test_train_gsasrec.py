@@ -112,18 +112,18 @@ def test_the_scoring_path_a_run_times_is_said_recorded_and_kept_on_resuming(synt
     dataset = load_dataset(dataset_directory("successor"))
     config = lambda steps: tiny_config(max_steps=steps, negative_sampling="per_position",  # noqa: E731
                                        per_position_scoring="auto")
-    train(config(12), dataset, tmp_path / "run", torch.device("cpu"), progress=False)
+    train(config(15), dataset, tmp_path / "run", torch.device("cpu"), progress=False)
     state_path = tmp_path / "run" / "train_state.pt"
     made = read_checkpoint(str(state_path))["training"]
     assert made["per_position_scoring"] in ("gathered", "catalogue")
-    assert set(made["scoring_trial_median_s"]) == {"gathered", "catalogue"}
+    assert set(made["scoring_trial_us_per_target"]) == {"gathered", "catalogue"}
     assert capsys.readouterr().out.count(f"Per-position negatives are scored {made['per_position_scoring']} "
-                                         "(median steps: ") == 1
+                                         "(fastest step per target: ") == 1
     other = "catalogue" if made["per_position_scoring"] == "gathered" else "gathered"
     state = torch.load(state_path, weights_only=False)
     state["training"]["per_position_scoring"] = other
     torch.save(state, state_path)
-    trainer = Trainer(config(14), dataset, tmp_path / "run", torch.device("cpu"), progress=False)
+    trainer = Trainer(config(17), dataset, tmp_path / "run", torch.device("cpu"), progress=False)
     trainer.run()
     assert trainer.scoring.path == other and trainer.scoring.seconds == {"gathered": [], "catalogue": []}
     assert read_checkpoint(str(state_path))["training"]["per_position_scoring"] == other
