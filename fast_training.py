@@ -30,9 +30,11 @@ CPU_GROUP_PADDING = 256
 # Timed training steps of each way of scoring per-position negatives under per_position_scoring="auto", after one
 # untimed warm-up step (docs/performance.md).
 TRIAL_STEPS_PER_PATH = 5
-# A way whose fastest step so far is this many times the other's loses at once: a step through the catalogue product
-# of a million items takes 50 times a gathered one.
+# A way whose fastest step so far is this many times the other's loses at once.
 TRIAL_CLEAR_FACTOR = 4.0
+# Catalogues larger than this are not tried through the catalogue product: a block of its scores would pass 64 MB
+# (gigabytes at a million items, where a step of it takes 50 times a gathered one).
+TRIAL_MAX_CATALOGUE_ITEMS = 2 ** 26 // (4 * 256)
 # Target rows per block of the catalogue product: a block's scores stay in cache and every product has one shape
 # (oneDNN's bf16 kernels are rebuilt for every new shape).
 CATALOGUE_BLOCK_ROWS = 256
@@ -257,8 +259,9 @@ class ScoringPathTrial:
     fastest step of each decides, since other work on the machine only ever slows a step down. Which wins depends
     on the catalogue and on whether the CPU multiplies bf16 natively (docs/performance.md)."""
 
-    def __init__(self, setting: str):
-        self.path = None if setting == "auto" else setting
+    def __init__(self, setting: str, num_items: int):
+        self.path = "gathered" if setting == "auto" and num_items > TRIAL_MAX_CATALOGUE_ITEMS else (
+            None if setting == "auto" else setting)
         self.seconds: dict[str, list[float]] = {path: [] for path in SCORING_PATHS}  # per target, step by step
         # The step being timed: its way (None for the warm-up), its start and its targets.
         self.running: tuple[str | None, float, int] | None = None

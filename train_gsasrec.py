@@ -98,7 +98,8 @@ class TrainingObjective(nn.Module):
         self.table_steps = getattr(optimizer, "table_steps", fast_training.TableSteps())
         # How the fast engine scores per-position negatives; None where it does not draw them.
         per_position = config.loss != "softmax" and config.negative_sampling == "per_position"
-        self.scoring = fast_training.ScoringPathTrial(config.per_position_scoring) if per_position else None
+        self.scoring = (fast_training.ScoringPathTrial(config.per_position_scoring, model.num_items) if per_position
+                        else None)
 
     def forward(self, batch: torch.Tensor, negatives: torch.Tensor | None) -> torch.Tensor:
         if self.config.engine == "reference":

@@ -233,7 +233,7 @@ def trial_run(monkeypatch, step_seconds: dict[str, list[float]], targets: dict[s
     steps until it decides, that deciding step's included)."""
     now = [0.0]
     monkeypatch.setattr(fast_training.time, "perf_counter", lambda: now[0])
-    trial, paths = fast_training.ScoringPathTrial("auto"), []
+    trial, paths = fast_training.ScoringPathTrial("auto", 3416), []
     while trial.path is None:
         expected = "gathered" if len(paths) % 2 == 0 else "catalogue"
         paths.append(trial.next_path(targets[expected] if paths else 1))
@@ -252,7 +252,16 @@ def test_the_scoring_trial_alternates_the_paths_then_keeps_the_fastest_per_targe
     assert paths[:-1] == ["gathered"] + ["catalogue", "gathered"] * steps and paths[-1] == "gathered" == trial.path
     assert trial.microseconds_per_target() == {"gathered": 20000.0, "catalogue": round(1.9 / 90 * 1e6, 2)}
     assert [trial.next_path(10) for _ in range(3)] == ["gathered"] * 3
-    assert fast_training.ScoringPathTrial("catalogue").next_path(10) == "catalogue"
+    assert fast_training.ScoringPathTrial("catalogue", 3416).next_path(10) == "catalogue"
+
+
+def test_a_catalogue_too_large_for_its_product_is_not_tried():
+    """Past TRIAL_MAX_CATALOGUE_ITEMS a block of catalogue scores would take gigabytes: gathered from the first step,
+    unless the catalogue way is asked for."""
+    largest = fast_training.TRIAL_MAX_CATALOGUE_ITEMS
+    assert fast_training.ScoringPathTrial("auto", largest).path is None
+    assert fast_training.ScoringPathTrial("auto", largest + 1).next_path(10) == "gathered"
+    assert fast_training.ScoringPathTrial("catalogue", largest + 1).next_path(10) == "catalogue"
 
 
 def test_a_path_many_times_slower_loses_the_trial_at_once(monkeypatch):
