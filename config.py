@@ -80,8 +80,9 @@ class GSASRecExperimentConfig:
     # bf16 autocast for the forward pass where the hardware has native bf16 (eval_utils.has_native_bf16); elsewhere,
     # where it would be emulated and many times slower, training stays in float32.
     bf16: bool = False
-    # Per-position negatives with many k score the whole catalogue: do that product in bf16 where the hardware
-    # has native bf16 (0.26 s a step instead of 0.30 s on an AMX CPU; loss and gradients within 1% of float32's).
+    # The catalogue products (of per_position_scoring's catalogue way, and of the full softmax) in bf16 where the
+    # hardware has native bf16 (0.26 s a step instead of 0.30 s on an AMX CPU; loss and gradients within 1% of
+    # float32's).
     bf16_scores: bool = False
     # Update the item tables lazily (torch.optim.SparseAdam): only the rows a step touched, their Adam moments
     # included, instead of Adam over every row. Not Adam's arithmetic (a row's moments decay only when it is
