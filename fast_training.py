@@ -256,8 +256,9 @@ class ScoringPathTrial:
     """Which way training_loss scores per-position negatives: a fixed per_position_scoring as it is; "auto" times
     whole training steps and keeps the faster way. After one untimed warm-up step the two ways alternate (the same
     loss and gradients), each step timed from its call to the next, per target it scored (batches differ); the
-    fastest step of each decides, since other work on the machine only ever slows a step down. Which wins depends
-    on the catalogue and on whether the CPU multiplies bf16 natively (docs/performance.md)."""
+    fastest step of each decides, since other work on the machine only ever slows a step down; catalogues past
+    TRIAL_MAX_CATALOGUE_ITEMS are gathered untried. Which wins depends on the catalogue and on whether the CPU
+    multiplies bf16 natively (docs/performance.md)."""
 
     def __init__(self, setting: str, num_items: int):
         self.path = "gathered" if setting == "auto" and num_items > TRIAL_MAX_CATALOGUE_ITEMS else (

@@ -97,7 +97,8 @@ class TrainingObjective(nn.Module):
         # The item tables the fast engine's optimizer steps in backward; none for a plain Adam.
         self.table_steps = getattr(optimizer, "table_steps", fast_training.TableSteps())
         # How the fast engine scores per-position negatives; None where it does not draw them.
-        per_position = config.loss != "softmax" and config.negative_sampling == "per_position"
+        per_position = (config.engine == "fast" and config.loss != "softmax"
+                        and config.negative_sampling == "per_position")
         self.scoring = (fast_training.ScoringPathTrial(config.per_position_scoring, model.num_items) if per_position
                         else None)
 
@@ -145,7 +146,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(learning_rate_factor, config))
         beta = gbce_beta(config.negs_per_pos, dataset.num_items, config.gbce_t)
         objective = TrainingObjective(self.model, config, beta, self.optimizer)
-        self.scoring = objective.scoring if config.engine == "fast" else None
+        self.scoring = objective.scoring
         self.scoring_announced = False
         self.objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda"
                                                  else None) if world_size > 1 else objective
@@ -331,7 +332,7 @@ class Trainer:
         self.scoring_announced = True
         timings = ", ".join(f"{path} {value:.1f} µs" for path, value in self.scoring.microseconds_per_target().items())
         self.say(f"Per-position negatives are scored {self.scoring.path} " +
-                 (f"(fastest step per target: {timings})" if timings else "(per_position_scoring)"))
+                 (f"(fastest step per target: {timings})" if timings else "(not timed)"))
 
     def keep_if_best(self, validation: dict[str, float]) -> None:
         progress = self.progress
