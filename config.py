@@ -170,6 +170,12 @@ class GSASRecExperimentConfig:
         rather than sigmoid(score) (gBCE)."""
         return self.loss != "gbce"
 
+    @property
+    def per_position_negatives(self) -> bool:
+        """Whether training draws k negatives for every target position (the paper's draw), rather than one draw a
+        sequence or none (the full softmax)."""
+        return self.loss != "softmax" and self.negative_sampling == "per_position"
+
     def check_types(self) -> None:
         """Each field holds a value of its annotated type (an int where a float is expected is fine), so a wrong
         type is named here rather than failing later inside a comparison or the model."""

@@ -390,7 +390,7 @@ def training_loss(model: GSASRec, batch: torch.Tensor, negatives: torch.Tensor |
               for group, rows, rows_vectors in zip(groups, grouped.split(sizes), item_vectors)]
     hidden = torch.cat([group.hidden for group in scores])
     labels = torch.cat([group.labels for group in scores])
-    per_position = sampled and not per_sequence
+    per_position = config.per_position_negatives
     if per_position:
         # The draw is in row-major order of the targets (target_numbers): the hidden states are put in that order,
         # not the negatives, which are larger (k int64 ids a target against E floats: 4 times on ML-1M).

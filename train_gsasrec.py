@@ -97,10 +97,8 @@ class TrainingObjective(nn.Module):
         # The item tables the fast engine's optimizer steps in backward; none for a plain Adam.
         self.table_steps = getattr(optimizer, "table_steps", fast_training.TableSteps())
         # How the fast engine scores per-position negatives; None where it does not draw them.
-        per_position = (config.engine == "fast" and config.loss != "softmax"
-                        and config.negative_sampling == "per_position")
-        self.scoring = (fast_training.ScoringPathTrial(config.per_position_scoring, model.num_items) if per_position
-                        else None)
+        self.scoring = (fast_training.ScoringPathTrial(config.per_position_scoring, model.num_items)
+                        if config.engine == "fast" and config.per_position_negatives else None)
 
     def forward(self, batch: torch.Tensor, negatives: torch.Tensor | None) -> torch.Tensor:
         if self.config.engine == "reference":

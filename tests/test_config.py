@@ -206,3 +206,12 @@ def test_a_bad_value_of_any_field_is_refused_in_one_line_naming_it(field):
     with pytest.raises(GSASRecError, match=message) as raised:
         apply_overrides(GSASRecExperimentConfig(), [f"{field}={text}"])
     assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("loss, negative_sampling, expected", [
+    ("gbce", "per_position", True), ("sampled_softmax", "per_position", True), ("gbce", "per_sequence", False),
+    ("softmax", "per_position", False)])
+def test_per_position_negatives_only_where_a_loss_draws_them_per_position(loss, negative_sampling, expected):
+    """The full softmax draws no negatives, whatever negative_sampling says."""
+    config = GSASRecExperimentConfig(loss=loss, negative_sampling=negative_sampling)
+    assert config.per_position_negatives is expected
