@@ -5,31 +5,14 @@ JSON line as it ends, and a summary line closes. Where there is no CUDA device i
     python3 benchmarks/bench_gpu.py --source /path/to/ml-1m.txt   # or GSASREC_ML1M_SOURCE set
 """
 import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from utils import CommandLineParser, run_cli  # noqa: E402
-
-
-def timed(command: list[str], log: Path) -> tuple[int, float, str]:
-    """Runs a command from the repository root: (exit status, wall seconds, its output), the output also in log."""
-    started = time.perf_counter()
-    finished = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-    output = finished.stdout + finished.stderr
-    log.write_text(output)
-    return finished.returncode, round(time.perf_counter() - started, 1), output
-
-
-def json_lines(output: str) -> list[dict]:
-    return [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+from common import json_lines, timed
+from utils import CommandLineParser, run_cli
 
 
 def main() -> None:

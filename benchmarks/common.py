@@ -2,13 +2,16 @@
 import argparse
 import json
 import resource
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 from config import GSASRecError  # noqa: E402
 from dataset_utils import (DatasetSplit, Sequences, ensure_dataset, load_dataset, offsets_from_lengths,  # noqa: E402
@@ -61,3 +64,16 @@ def report(**figures) -> None:
     machine = machine_description(torch.device(figures.get("device", "cpu")))
     print(json.dumps({**figures, "peak_rss_mb": round(peak_rss_mb(), 1), "device_name": machine["device"],
                       "torch": machine["torch"], "threads": machine["threads"]}))
+
+
+def timed(command: list[str], log: Path) -> tuple[int, float, str]:
+    """Runs a command from the repository root: (exit status, wall seconds, its output), the output also in log."""
+    started = time.perf_counter()
+    finished = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    output = finished.stdout + finished.stderr
+    log.write_text(output)
+    return finished.returncode, round(time.perf_counter() - started, 1), output
+
+
+def json_lines(output: str) -> list[dict]:
+    return [json.loads(line) for line in output.splitlines() if line.startswith("{")]
