@@ -161,7 +161,16 @@ def init_distributed(device_name: str | None) -> tuple[int, int, torch.device]:
     if world_size == 1:
         return 0, 1, resolve_device(device_name)
     local_rank = int(os.environ["LOCAL_RANK"])
-    use_cuda = torch.cuda.is_available() and not (device_name or "").startswith("cpu")
+    requested = resolve_device(device_name)  # an unknown device, or CUDA where there is none, is refused here too
+    if requested.type == "mps":
+        raise GSASRecError("torchrun runs on CPUs (gloo) or CUDA GPUs (nccl), not on mps")
+    use_cuda = requested.type == "cuda"
+    if use_cuda and requested.index is not None:
+        raise GSASRecError(f"under torchrun each process takes the GPU of its LOCAL_RANK: use --device cuda, "
+                           f"not {device_name}")
+    if use_cuda and local_rank >= torch.cuda.device_count():
+        raise GSASRecError(f"torchrun started a process for GPU {local_rank}, but this machine has "
+                           f"{torch.cuda.device_count()}: set --nproc-per-node to at most that")
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)

@@ -1,16 +1,19 @@
-"""torchrun with two CPU processes (gloo): sharded users, synchronised gradients, rank-0 checkpoints, resume."""
+"""torchrun with two CPU processes (gloo): sharded users, synchronised gradients, rank-0 checkpoints, resume; and the
+devices it refuses before joining the process group."""
 import json
 import os
 import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
+from config import GSASRecError
 from dataset_utils import dataset_directory, load_dataset
 from eval_utils import evaluate
 from tests.conftest import REPO, write_config
-from utils import load_model
+from utils import init_distributed, load_model
 
 
 def torchrun(config, run_dir) -> subprocess.CompletedProcess:
@@ -50,3 +53,29 @@ def test_two_processes_train_in_step_and_resume(synthetic_datasets_dir, tmp_path
     assert reports[0][1:] == reports[1][1:] and reports[0][1] == "4"
     saved = torch.load(run_dir / "train_state.pt", weights_only=False)
     assert len(saved["rng_states"]) == 2 and saved["progress"]["step"] == 4 * steps_per_epoch
+
+
+@pytest.mark.parametrize("device, message", [
+    ("tpu", "unknown device 'tpu'"),
+    ("cuda:1", "use --device cuda, not cuda:1"),
+    ("cuda", "CUDA is not available"),
+])
+def test_a_device_torchrun_cannot_use_is_refused_before_joining(monkeypatch, device, message):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    if device == "cuda:1":  # the index is refused wherever CUDA is
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    elif device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(GSASRecError, match=re.escape(message)):
+        init_distributed(device)
+
+
+def test_more_processes_than_gpus_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(GSASRecError, match="a process for GPU 1, but this machine has 1"):
+        init_distributed("cuda")
