@@ -2,7 +2,8 @@
 way of computing a step (bench_train.py --paper-way) and of this repository's step of a config, alternating, each in
 a fresh process. Where the CPU has native bf16 the config is also timed in float32 (bf16_scores=false), the only
 arithmetic a CPU without it has. Each measurement prints its JSON line as it ends; a summary line closes, with each
-round's speed-up: the port's median step over the config's, measured minutes apart, since these machines drift.
+round's speed-up: the port's median step over the config's from the same round, minutes apart (these machines drift,
+so figures from different sittings are not compared).
 
     python3 benchmarks/bench_sitting.py --source /path/to/ml-1m.txt --rounds 2
 """
