@@ -3,7 +3,7 @@ way of computing a step (bench_train.py --paper-way) and of this repository's st
 a fresh process. Where the CPU has native bf16 the config is also timed in float32 (bf16_scores=false), the only
 arithmetic a CPU without it has. Each measurement prints its JSON line as it ends; a summary line closes, with each
 round's speed-up: the port's median step over the config's from the same round, minutes apart (these machines drift,
-so figures from different sittings are not compared).
+so figures from different sittings are not compared). The port's way needs about 8 GB of memory on ML-1M.
 
     python3 benchmarks/bench_sitting.py --source /path/to/ml-1m.txt --rounds 2
 """
