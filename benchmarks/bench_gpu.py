@@ -38,7 +38,8 @@ def main() -> None:
     for name, command in (("train_step", ["benchmarks/bench_train.py", "--config", args.config]),
                           ("test_evaluation", ["benchmarks/bench_eval.py", "--config", args.config])):
         status, _, text = timed([python, *command, "--device", "cuda", *source], output / f"{name}.log")
-        summary[name] = json_lines(text)[-1] if status == 0 and json_lines(text) else {"status": status}
+        reports = json_lines(text)
+        summary[name] = reports[-1] if status == 0 and reports else {"status": status}
         print(json.dumps(summary[name]), flush=True)
 
     run_dir = output / "run"

@@ -57,10 +57,11 @@ def main() -> None:
         for name, command in measurements.items():
             log = logs / f"round{round_number}-{name.replace(' ', '-')}.log"
             status, _, output = timed(command, log)
-            if status != 0 or not json_lines(output):
+            reports = json_lines(output)
+            if status != 0 or not reports:
                 tail = output.strip().splitlines()[-1:] or ["no output"]
                 sys.exit(f"error: {name} failed in round {round_number} ({tail[0]}); its output is in {log}")
-            figures = json_lines(output)[-1]
+            figures = reports[-1]
             medians[name].append(figures["median_s"])
             print(json.dumps({"round": round_number, "measured": name, **figures}), flush=True)
     paper_way = medians.pop("paper way")
@@ -70,6 +71,7 @@ def main() -> None:
         of_medians = speed_ups([statistics.median(paper_way)], [statistics.median(steps)])[0]
         summary[name] = {"median_s": steps, "speed_up": speed_ups(paper_way, steps), "speed_up_of_medians": of_medians}
     print(json.dumps(summary))
+
 
 if __name__ == "__main__":
     run_cli(main)
